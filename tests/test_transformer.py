@@ -1,0 +1,222 @@
+"""The model: shapes, causality, the two attention paths, the KV cache, and parity with Hugging Face."""
+
+import math
+
+import pytest
+import torch
+
+from transformer import (GPT, CheckpointError, GPTConfig, KVCache, config_from_preset, keep_top_k, keep_top_p,
+                         sample_next_token)
+
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32)
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**TINY, **overrides})).eval()
+
+
+def test_logits_shape_and_initial_loss_near_uniform():
+    model = tiny_model()
+    idx = torch.randint(0, 50257, (3, 16))
+    targets = torch.randint(0, 50257, (3, 16))  # not idx: tied weights favour repeating the input
+    logits, loss = model(idx, targets=targets)
+    assert logits.shape == (3, 16, 50304)
+    assert torch.isneginf(logits[..., 50257:]).all()  # padding rows can never be predicted
+    assert abs(loss.item() - math.log(50257)) < 0.1
+
+
+def test_forward_without_targets_returns_no_loss():
+    logits, loss = tiny_model()(torch.zeros(1, 5, dtype=torch.long))
+    assert logits.shape == (1, 5, 50304) and loss is None
+
+
+def test_future_tokens_do_not_change_past_logits():
+    model = tiny_model()
+    idx = torch.randint(0, 50257, (1, 20))
+    changed = idx.clone()
+    changed[0, 10] = (idx[0, 10] + 1) % 50257
+    a, b = model(idx)[0], model(changed)[0]
+    torch.testing.assert_close(a[:, :10], b[:, :10], rtol=0, atol=0)
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_sdpa_and_manual_attention_agree():
+    sdpa = tiny_model(attention="sdpa")
+    manual = tiny_model(attention="manual")
+    manual.load_state_dict(sdpa.state_dict())
+    idx = torch.randint(0, 50257, (2, 32))
+    torch.testing.assert_close(sdpa(idx)[0], manual(idx)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "manual"])
+def test_kv_cache_decoding_equals_full_recompute(attention):
+    model = tiny_model(attention=attention)
+    idx = torch.randint(0, 50257, (2, 24))
+    full = model(idx)[0]
+    cache = KVCache(model.config, 2, "cpu", torch.float32)
+    pieces = [model(idx[:, :10], cache=cache)[0]]  # a prompt, then a chunk, then one token at a time
+    pieces.append(model(idx[:, 10:15], cache=cache)[0])
+    for t in range(15, 24):
+        pieces.append(model(idx[:, t : t + 1], cache=cache)[0])
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_context_overflow_is_refused():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="exceed the context"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_generation_with_cache_matches_reference_within_the_window():
+    model = tiny_model()
+    prompt = torch.randint(0, 50257, (2, 5))
+    cached = torch.stack(list(model.generate(prompt, 27, temperature=0)), dim=1)
+    plain = torch.stack(list(model.generate(prompt, 27, temperature=0, use_cache=False)), dim=1)
+    assert torch.equal(cached, plain)
+
+
+def test_generation_slides_past_the_context_window():
+    """Past the window, each token is the greedy choice given the newest tokens the cache holds:
+    after every re-encode the cache holds the last block_size/2 tokens and grows from there."""
+    model = tiny_model()
+    prompt = torch.randint(0, 50257, (1, 30))
+    out = torch.stack(list(model.generate(prompt, 60, temperature=0)), dim=1)
+    assert out.shape == (1, 60)
+    tokens = torch.cat([prompt, out], dim=1)
+    window, context = 32, 30  # the prompt fills 30 of 32 positions
+    for step in range(60):
+        end = 30 + step  # tokens known before this step
+        if context == window:
+            context = window // 2
+        logits = model(tokens[:, end - context : end])[0][:, -1, :50257]
+        assert logits.argmax(-1).item() == out[0, step].item(), f"step {step}"
+        context += 1
+
+
+def test_sampling_is_reproducible_with_a_seeded_generator():
+    model = tiny_model()
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+
+    def draw(seed):
+        g = torch.Generator().manual_seed(seed)
+        return torch.stack(list(model.generate(prompt, 10, temperature=1.0, top_k=50, generator=g)), 1)
+
+    assert torch.equal(draw(1), draw(1))
+    assert not torch.equal(draw(1), draw(2))
+
+
+def test_top_k_keeps_exactly_the_k_largest():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]])
+    kept = keep_top_k(logits, 2)
+    assert torch.isfinite(kept).tolist() == [[False, True, False, True, False]]
+    assert torch.equal(keep_top_k(logits, 99), logits)  # k beyond V keeps everything
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    assert torch.isfinite(keep_top_p(logits, 0.5)).tolist() == [[True, False, False, False]]
+    assert torch.isfinite(keep_top_p(logits, 0.8)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(keep_top_p(logits, 0.81)).tolist() == [[True, True, True, False]]
+    assert torch.isfinite(keep_top_p(logits, 1.0)).all()
+    assert torch.isfinite(keep_top_p(logits, 1e-9)).tolist() == [[True, False, False, False]]
+
+
+def test_sampling_filters_reject_impossible_values():
+    logits = torch.zeros(1, 4)
+    for kwargs in (dict(temperature=-1), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)):
+        with pytest.raises(ValueError):
+            sample_next_token(logits, **kwargs)
+
+
+def test_greedy_sampling_is_argmax():
+    logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 0.0]])
+    assert sample_next_token(logits, temperature=0).tolist() == [1, 0]
+
+
+def test_presets_and_parameter_counts():
+    config = config_from_preset("gpt2")
+    model = GPT(config)
+    # 124M with the padded vocabulary; GPT-2's published 124M counts 50257 rows.
+    assert model.num_params() == 124_475_904
+    assert model.num_params(embeddings=False) == 124_475_904 - 50304 * 768 - 1024 * 768
+    n = model.num_params() - 1024 * 768
+    assert model.flops_per_token(1024) == 6 * n + 12 * 12 * 1024 * 768
+    with pytest.raises(ValueError, match="unknown preset"):
+        config_from_preset("gpt5")
+    assert config_from_preset("tiny", n_layer=3, dropout=None).n_layer == 3
+
+
+def test_residual_projections_use_scaled_init():
+    torch.manual_seed(0)
+    model = GPT(config_from_preset("gpt2", n_layer=8))
+    std = model.transformer.h[0].attn.c_proj.weight.std().item()
+    assert abs(std - 0.02 / math.sqrt(16)) < 2e-4
+    assert abs(model.transformer.h[0].attn.c_attn.weight.std().item() - 0.02) < 2e-4
+
+
+def test_optimizer_groups_decay_matrices_only():
+    model = tiny_model()
+    decay, no_decay = model.optimizer_groups(0.1)
+    assert all(p.dim() == 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
+    assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params()
+
+
+@pytest.mark.parametrize("bad", [dict(n_embd=30, n_head=4), dict(n_layer=0), dict(dropout=1.0),
+                                 dict(attention="flash"), dict(padded_vocab_size=100)])
+def test_impossible_configs_are_refused(bad):
+    with pytest.raises(ValueError):
+        GPTConfig(**{**TINY, **bad})
+
+
+# ---- Hugging Face interoperability ----
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_model(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=48, vocab_size=50257)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def test_loads_hugging_face_weights_with_equal_logits_and_greedy_tokens(tmp_path):
+    theirs = hf_model()
+    theirs.save_pretrained(tmp_path)
+    ours = GPT.from_pretrained(str(tmp_path)).eval()
+    assert ours.config.block_size == 48 and ours.config.padded_vocab_size == 50304
+    idx = torch.randint(0, 50257, (2, 40))
+    with torch.no_grad():
+        expected = theirs(idx).logits
+    torch.testing.assert_close(ours(idx)[0][..., :50257], expected, rtol=1e-5, atol=1e-5)
+
+    prompt = idx[:1, :8]
+    hf_tokens = theirs.generate(prompt, max_new_tokens=20, do_sample=False, min_new_tokens=20,
+                                attention_mask=torch.ones_like(prompt), pad_token_id=50256)[0, 8:]
+    our_tokens = torch.stack(list(ours.generate(prompt, 20, temperature=0)), dim=1)[0]
+    assert our_tokens.tolist() == hf_tokens.tolist()
+
+
+def test_hugging_face_loads_our_weights_with_equal_logits(tmp_path):
+    ours = tiny_model(seed=3)
+    ours.save_pretrained(tmp_path)
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    idx = torch.randint(0, 50257, (2, 32))
+    with torch.no_grad():
+        expected = ours(idx)[0][..., :50257]
+        torch.testing.assert_close(theirs(idx).logits, expected, rtol=1e-5, atol=1e-5)
+    reloaded = GPT.from_pretrained(str(tmp_path)).eval()
+    torch.testing.assert_close(reloaded(idx)[0], ours(idx)[0], rtol=0, atol=0)
+
+
+def test_damaged_model_directories_are_refused(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="damaged or incomplete"):
+        GPT.from_pretrained(str(tmp_path))
+    with pytest.raises(CheckpointError, match="not a model directory"):
+        GPT.from_pretrained(str(tmp_path / "nowhere"))

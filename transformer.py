@@ -1,0 +1,508 @@
+"""GPT-2, written out by hand so that every step can be read.
+
+The model is the one of "Language Models are Unsupervised Multitask Learners" (Radford et al., 2019):
+token plus learned position embeddings, a stack of pre-LayerNorm blocks (causal self-attention, then
+a 4x MLP with tanh-GELU, each wrapped in a residual connection), a final LayerNorm and a language-model
+head that shares its weight with the token embedding.
+
+Module names follow the original checkpoints (`transformer.h.0.attn.c_attn`, ...), so weights move
+to and from Hugging Face's `GPT2LMHeadModel` with one documented change: GPT-2 stores its projection
+weights as Conv1D, (in, out), where `nn.Linear` keeps (out, in).
+
+Notation used in shape comments:
+    B  batch size            T  sequence length (tokens in this call)
+    C  embedding width       nh number of heads        hs head size, C // nh
+    V  vocabulary rows (padded_vocab_size)             L  number of layers
+
+Run `python -m pytest tests/test_transformer.py` to check it against Hugging Face's implementation.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+GPT2_VOCAB_SIZE = 50257  # BPE tokens of GPT-2, the last one being <|endoftext|>
+EOT_TOKEN = 50256  # <|endoftext|>: separates documents in training and ends a generated text
+# nn.Linear weights that GPT-2 checkpoints store transposed, as Conv1D (in, out).
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+class CheckpointError(Exception):
+    """A model directory that cannot be used; the message says what is wrong and what to do."""
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # context length in tokens; sets the size of the position table
+    vocab_size: int = GPT2_VOCAB_SIZE  # real tokens; logits beyond them are masked out
+    padded_vocab_size: int = 50304  # embedding rows: 50257 rounded up to a multiple of 64 for fast matmuls
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads per block
+    n_embd: int = 768  # residual stream width C
+    dropout: float = 0.0  # on embeddings, attention weights and residual branches; 0 for pretraining
+    attention: str = "sdpa"  # "sdpa" (fused kernel, flash attention on CUDA) or "manual" (explicit softmax)
+
+    def __post_init__(self):
+        if min(self.block_size, self.n_layer, self.n_head, self.n_embd) < 1:
+            raise ValueError("block_size, n_layer, n_head and n_embd must all be positive")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.padded_vocab_size < self.vocab_size:
+            raise ValueError("padded_vocab_size must be at least vocab_size")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.attention not in ("sdpa", "manual"):
+            raise ValueError(f"attention must be 'sdpa' or 'manual', got {self.attention!r}")
+
+
+# Sizes of the four GPT-2 releases, plus small models that train on a laptop CPU.
+PRESETS = {
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),  # trains in seconds; used by the tests
+    "mini": dict(n_layer=4, n_head=4, n_embd=256, block_size=256),  # the CPU quickstart
+    "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),  # a larger CPU or small-GPU model
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+
+
+def config_from_preset(name, **overrides):
+    """GPTConfig of a named preset; `overrides` that are None keep the preset's value."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    values = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    return GPTConfig(**values)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, so that decoding one token costs one token's work.
+
+    One preallocated (L, B, nh, block_size, hs) buffer each for keys and values; `length` counts the
+    positions filled. GPT.forward appends to it and advances `length` after the last layer.
+    """
+
+    def __init__(self, config, batch_size, device, dtype):
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+
+def causal_mask(T, past, device):
+    """(T, past + T) booleans: query i, at absolute position past + i, may see keys 0 .. past + i."""
+    return torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)
+
+
+def sample_next_token(logits, *, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Draws one token id per row of (B, V) logits. temperature 0 is greedy (argmax)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        logits = keep_top_k(logits, top_k)
+    if top_p is not None:
+        logits = keep_top_p(logits, top_p)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def keep_top_k(logits, k):
+    """Sets all but the k largest logits of each row to -inf (ties with the k-th are kept)."""
+    if k < 1:
+        raise ValueError(f"top_k must be >= 1, got {k}")
+    k = min(k, logits.size(-1))
+    kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth_largest, float("-inf"))
+
+
+def keep_top_p(logits, p):
+    """Nucleus filter: keeps the smallest set of most likely tokens whose probability reaches p."""
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {p}")
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = F.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of the tokens ranked above
+    drop_sorted = mass_before >= p  # the top token has mass_before 0, so it always stays
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.attention = config.attention
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # queries, keys, values in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)  # mixes the heads back into the stream
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cache=None, layer=0):
+        B, T, C = x.size()
+        nh, hs = self.n_head, C // self.n_head
+        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            cache.keys[layer, :, :, past : past + T] = k
+            cache.values[layer, :, :, past : past + T] = v
+            k = cache.keys[layer, :, :, : past + T]  # (B, nh, past + T, hs)
+            v = cache.values[layer, :, :, : past + T]  # (B, nh, past + T, hs)
+
+        if self.attention == "sdpa":
+            # Without past keys the mask is the plain causal triangle, which the fused kernels apply
+            # themselves; one new query may see every cached key; only a chunk after a cache needs a mask.
+            dropout_p = self.dropout if self.training else 0.0
+            if past == 0:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+            elif T == 1:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+            else:
+                mask = causal_mask(T, past, x.device)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        else:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, past + T)
+            scores = scores.masked_fill(~causal_mask(T, past, x.device), float("-inf"))
+            weights = self.attn_dropout(F.softmax(scores.float(), dim=-1).to(q.dtype))
+            y = weights @ v  # (B, nh, T, hs)
+
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 was trained with the tanh approximation
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, 4C) inside, (B, T, C) out
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm: each branch reads a normalised copy and adds its result to the residual stream."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),  # token embeddings
+                wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+                ln_f=nn.LayerNorm(config.n_embd),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        # Weight tying: the head scores each token by its embedding (and saves V x C parameters).
+        self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2's scaling: each block adds two projections to the residual stream, so their initial
+        # std is divided by sqrt(2 L) to keep the stream's variance from growing with depth.
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx, targets=None, cache=None):
+        """Logits (B, T, V) for every position, and the mean cross-entropy when targets are given.
+
+        idx and targets are (B, T) token ids; targets of -1 are ignored. With a KVCache, idx holds only
+        the new tokens: they attend to the cached ones and are appended to the cache.
+        """
+        B, T = idx.size()
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.block_size:
+            raise ValueError(f"{past + T} positions exceed the context of {self.config.block_size}")
+        pos = torch.arange(past, past + T, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, cache, layer)
+        if cache is not None:
+            cache.length += T
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, V)
+        if self.config.padded_vocab_size > self.config.vocab_size:
+            # Padding rows are no tokens: -inf gives them zero probability in the loss and in sampling.
+            logits[..., self.config.vocab_size :] = float("-inf")
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, generator=None,
+                 use_cache=True):
+        """Yields the next token ids, (B,), one step at a time, continuing the (B, T) prompt `idx`.
+
+        A generator, so callers can print tokens as they come and stop early. With the cache, each step
+        runs the model on one token. Position embeddings are absolute, so cached keys cannot be moved
+        when the context window is full: the newest half window is then encoded afresh, and each
+        later token again costs one token until the window fills up once more. Without the cache, each
+        step re-reads the newest block_size tokens, the reference behaviour.
+        """
+        window = self.config.block_size
+        cache = None
+        tokens = idx
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits = self(tokens[:, -window:])[0]
+            elif cache is None or cache.length == window:
+                context = tokens[:, -window:] if cache is None else tokens[:, -(window // 2) :]
+                cache = KVCache(self.config, tokens.size(0), tokens.device, self.lm_head.weight.dtype)
+                logits = self(context, cache=cache)[0]
+            else:
+                logits = self(tokens[:, -1:], cache=cache)[0]
+            next_token = sample_next_token(
+                logits[:, -1, : self.config.vocab_size],
+                temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+            )  # (B,)
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            yield next_token
+
+    # ---- What training needs to know about the model ----
+
+    def num_params(self, embeddings=True):
+        """Parameter count; the tied head is counted once. embeddings=False drops wte and wpe."""
+        n = sum(p.numel() for p in self.parameters())
+        if not embeddings:
+            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token: 6 N + 12 L T C (forward plus backward, which costs twice forward).
+
+        N counts every weight used in a matmul: all parameters but the position table (the tied token
+        embedding counts, since it is the head's matmul). 6 N is 2 FLOPs per multiply-add times three
+        passes; 12 L T C adds the attention scores and weighted sums, which have no weights
+        (PaLM, Chowdhery et al. 2022, appendix B).
+        """
+        n = self.num_params() - self.transformer.wpe.weight.numel()
+        return 6 * n + 12 * self.config.n_layer * seq_len * self.config.n_embd
+
+    def optimizer_groups(self, weight_decay):
+        """AdamW parameter groups: decay on matrices (matmul and embedding weights) only, not on
+        biases and LayerNorm gains, which set scales and offsets rather than store features."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+
+    def make_optimizer(self, *, lr, weight_decay, betas, device_type):
+        """AdamW, fused into one kernel on CUDA (the per-tensor loop is slow on GPUs)."""
+        return torch.optim.AdamW(self.optimizer_groups(weight_decay), lr=lr, betas=betas,
+                                 fused=(device_type == "cuda"))
+
+    # ---- Hugging Face GPT-2 layout: config.json + model.safetensors ----
+
+    def save_pretrained(self, directory):
+        """Writes `config.json` and `model.safetensors` that `GPT2LMHeadModel.from_pretrained` loads."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        tensors = {}
+        for name, tensor in self.state_dict().items():
+            if name == "lm_head.weight":
+                continue  # tied to wte; the HF loader ties it again
+            if name == "transformer.wte.weight":
+                tensor = tensor[: self.config.vocab_size]  # padding rows are not part of GPT-2
+            if name.endswith(CONV1D_WEIGHTS):
+                tensor = tensor.t()  # nn.Linear (out, in) -> GPT-2 Conv1D (in, out)
+            tensors[name] = tensor.detach().to("cpu").contiguous()
+        save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(hf_config_dict(self.config), f, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, path_or_name, **config_overrides):
+        """Loads a Hugging Face GPT-2 directory, or a hub name such as 'gpt2' (downloads when online).
+
+        Only JSON and safetensors are read, so nothing in the files can run code. The vocabulary is
+        padded to a multiple of 64 rows; `config_overrides` (for example dropout) replace config fields.
+        """
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = resolve_model_dir(path_or_name)
+        config = gpt_config_from_hf(read_json(os.path.join(directory, "config.json")), **config_overrides)
+        weights_path = os.path.join(directory, "model.safetensors")
+        if not os.path.isfile(weights_path):
+            raise CheckpointError(f"{directory} has no model.safetensors; GPT-2 weights are read only "
+                                  "from safetensors (convert a pytorch_model.bin with transformers first)")
+        try:
+            tensors = load_file(weights_path)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{weights_path} is damaged or incomplete ({e}); save or copy it again") from e
+        model = cls(config)
+        model.load_state_dict(state_dict_from_hf(tensors, model), strict=True)
+        return model
+
+
+def hf_config_dict(config):
+    """config.json in the GPT2Config schema; our own fields ride along under their own names."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",  # Hugging Face's name for the tanh approximation
+        "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": True,
+        "bos_token_id": EOT_TOKEN,
+        "eos_token_id": EOT_TOKEN,
+        "padded_vocab_size": config.padded_vocab_size,
+        "attention": config.attention,
+    }
+
+
+def gpt_config_from_hf(hf, **overrides):
+    """GPTConfig from a GPT2Config dict, refusing options this implementation does not compute."""
+    if hf.get("model_type") != "gpt2":
+        raise CheckpointError(f"config.json describes a {hf.get('model_type')!r} model; only 'gpt2' is supported")
+    unsupported = {
+        "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
+        "scale_attn_weights": (True,),
+        "scale_attn_by_inverse_layer_idx": (False,),
+        "add_cross_attention": (False,),
+        "tie_word_embeddings": (True,),
+    }
+    for key, allowed in unsupported.items():
+        if key in hf and hf[key] not in allowed:
+            raise CheckpointError(f"config.json sets {key}={hf[key]!r}, which this GPT-2 does not implement")
+    if hf.get("n_inner") not in (None, 4 * hf.get("n_embd", 0)):
+        raise CheckpointError("config.json sets n_inner to other than 4 * n_embd, which this GPT-2 does not implement")
+    if abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
+        raise CheckpointError("config.json sets a layer_norm_epsilon other than 1e-5")
+    try:
+        vocab_size = int(hf["vocab_size"])
+        values = dict(
+            block_size=int(hf["n_positions"]),
+            vocab_size=vocab_size,
+            padded_vocab_size=int(hf.get("padded_vocab_size", math.ceil(vocab_size / 64) * 64)),
+            n_layer=int(hf["n_layer"]),
+            n_head=int(hf["n_head"]),
+            n_embd=int(hf["n_embd"]),
+            dropout=float(hf.get("resid_pdrop", 0.0)),
+            attention=str(hf.get("attention", "sdpa")),
+        )
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return GPTConfig(**values)
+    except KeyError as e:
+        raise CheckpointError(f"config.json lacks the field {e.args[0]!r}; it is not a GPT-2 config") from e
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"config.json holds an impossible GPT-2 config: {e}") from e
+
+
+def state_dict_from_hf(tensors, model):
+    """Our state dict from GPT-2 safetensors, checking names, shapes and values before any use."""
+    config = model.config
+    expected = model.state_dict()
+    loaded = {}
+    for name, tensor in tensors.items():
+        if not name.startswith("transformer.") and name != "lm_head.weight":
+            name = "transformer." + name  # hub checkpoints saved from GPT2Model have no prefix
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # old causal-mask buffers, not weights
+        loaded[name] = tensor
+    head = loaded.pop("lm_head.weight", None)
+    if head is not None and not torch.equal(head, loaded.get("transformer.wte.weight", head)):
+        raise CheckpointError("lm_head.weight differs from the token embedding; this GPT-2 ties them")
+    missing = sorted(set(expected) - set(loaded) - {"lm_head.weight"})
+    unexpected = sorted(set(loaded) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"model.safetensors does not match config.json: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+    state = {}
+    for name, tensor in loaded.items():
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{name} holds {tensor.dtype} values; weights must be floating point")
+        if name.endswith(CONV1D_WEIGHTS):
+            tensor = tensor.t()
+        target_shape = expected[name].shape
+        if name == "transformer.wte.weight":
+            if tensor.shape != (config.vocab_size, config.n_embd):
+                raise CheckpointError(f"{name} has shape {tuple(tensor.shape)}, config.json implies "
+                                      f"{(config.vocab_size, config.n_embd)}")
+            padding = tensor.new_zeros(config.padded_vocab_size - config.vocab_size, config.n_embd)
+            tensor = torch.cat([tensor, padding])
+        if tensor.shape != target_shape:
+            raise CheckpointError(f"{name} has shape {tuple(tensor.shape)}, config.json implies {tuple(target_shape)}")
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{name} contains NaN or infinite values; the checkpoint is damaged")
+        state[name] = tensor.to(expected[name].dtype)
+    state["lm_head.weight"] = state["transformer.wte.weight"]
+    return state
+
+
+def read_json(path):
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} not found; a model directory holds config.json and model.safetensors")
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is damaged") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object; the checkpoint is damaged")
+    return value
+
+
+def resolve_model_dir(path_or_name):
+    """A local directory as is; otherwise a Hugging Face hub name, downloaded (weights only) when online."""
+    if os.path.isdir(path_or_name):
+        return path_or_name
+    if os.path.exists(path_or_name) or path_or_name.startswith((".", "/", "~")) or path_or_name.count("/") > 1:
+        raise CheckpointError(f"{path_or_name} is not a model directory (config.json + model.safetensors)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path_or_name, allow_patterns=["config.json", "model.safetensors"])
+    except Exception as e:  # the hub client raises many types: offline, unknown repo, gated, ...
+        raise CheckpointError(f"could not fetch {path_or_name!r} from the Hugging Face hub ({type(e).__name__}); "
+                              "check the name and the network, or pass a local model directory") from e
