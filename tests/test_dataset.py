@@ -1,0 +1,256 @@
+"""gpt_dataset.py: sources, cleaning, shards, the reader, resume after interruption, and bad input."""
+
+import glob
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import gpt_dataset
+from gpt_dataset import DataError, UsageError, gpt2_tokenizer, load_manifest, open_shard, open_split
+from conftest import ROOT
+
+
+def decoded_documents(data_dir, split):
+    """The documents of a split as text, split at the <|endoftext|> token."""
+    tokens = np.concatenate(open_split(data_dir, split))
+    assert tokens[0] == 50256
+    starts = np.flatnonzero(tokens == 50256).tolist() + [len(tokens)]
+    decode = gpt2_tokenizer().decode
+    return [decode(tokens[a + 1 : b].tolist()) for a, b in zip(starts, starts[1:])]
+
+
+def directory_digest(path):
+    return {os.path.basename(p): hashlib.sha256(open(p, "rb").read()).hexdigest()
+            for p in sorted(glob.glob(os.path.join(path, "*")))}
+
+
+def test_tokenizer_is_gpt2_bpe():
+    enc = gpt2_tokenizer()
+    assert enc.encode_ordinary("Hello world") == [15496, 995]
+    assert enc.n_vocab == 50257 and enc.eot_token == 50256
+    assert enc.encode_ordinary("<|endoftext|>") != [50256]  # a literal in text is plain text
+
+
+def test_tokenizer_refuses_a_file_that_is_not_gpt2s_bpe(tmp_path, monkeypatch):
+    fake = tmp_path / "fake.tiktoken"
+    fake.write_text("aGVsbG8= 0\n")
+    with pytest.raises(UsageError, match="not GPT-2's BPE"):
+        gpt2_tokenizer.__wrapped__(str(fake))
+
+
+def test_sample_decodes_back_to_real_articles(sample_dir):
+    manifest = load_manifest(sample_dir)
+    assert manifest["source"] == "sample" and manifest["tokenizer"]["eot_token"] == 50256
+    assert 900_000 < manifest["train"]["tokens"] < 1_100_000
+    assert manifest["val"]["tokens"] > 40_000  # enough to measure a validation loss
+    train = decoded_documents(sample_dir, "train")
+    val = decoded_documents(sample_dir, "val")
+    assert len(train) == manifest["train"]["articles"] and len(val) == manifest["val"]["articles"]
+    everything = train + val
+    assert any(doc.startswith("2001: A Space Odyssey is a 1968 epic science fiction film") for doc in everything)
+    assert not set(train) & set(val)
+    for shard in manifest["shards"]:
+        assert open_shard(os.path.join(sample_dir, shard["file"]), shard["sha256"]).size == shard["tokens"]
+
+
+def test_split_is_a_stable_hash_of_the_article_id():
+    ids = [f"article {i}" for i in range(20000)]
+    held_out = [i for i in ids if gpt_dataset.is_validation(i, 0.05)]
+    assert 800 < len(held_out) < 1200
+    assert held_out == [i for i in ids if gpt_dataset.is_validation(i, 0.05)]
+    assert set(i for i in ids if gpt_dataset.is_validation(i, 0.01)) <= set(held_out)
+
+
+def test_workers_give_identical_bytes_to_one_worker(tmp_path):
+    args = ["--source", "sample", "--max-tokens", "200000", "--shard-tokens", "30000", "--batch-articles", "16"]
+    gpt_dataset.main(args + ["--out", str(tmp_path / "one"), "--workers", "1"])
+    gpt_dataset.main(args + ["--out", str(tmp_path / "two"), "--workers", "2"])
+    one, two = directory_digest(tmp_path / "one"), directory_digest(tmp_path / "two")
+    assert len(one) > 6 and one == two
+    manifest = load_manifest(str(tmp_path / "one"))
+    assert 200_000 <= manifest["train"]["tokens"] + manifest["val"]["tokens"] < 205_000
+
+
+def test_raw_dump_becomes_clean_text(tmp_path, dump_path):
+    out = tmp_path / "dump"
+    gpt_dataset.main(["--source", dump_path, "--out", str(out), "--val-fraction", "0.2"])
+    manifest = load_manifest(str(out))
+    docs = decoded_documents(str(out), "train") + decoded_documents(str(out), "val")
+    assert 90 <= len(docs) <= 106 and manifest["articles_read"] <= 106
+    assert any(doc.startswith("Anarchism is a political philosophy") for doc in docs)
+    for doc in docs:
+        for markup in ("[[", "{{", "<ref", "|thumb", "}}", "]]", "{|", "[[Category:"):
+            assert markup not in doc
+
+
+def test_wikitext_cleaning_keeps_prose_and_drops_markup():
+    wikitext = ("{{Infobox person|name=Ada|image=x.jpg}}'''Ada Lovelace''' was an [[England|English]] "
+                "mathematician.<ref>{{cite book|title=A}}</ref> [[File:Ada.jpg|thumb|A [[portrait]]]]\n"
+                "{| class=wikitable\n|-\n| cell\n|}\n== Life ==\nShe wrote [http://example.org notes].\n"
+                "[[Category:Mathematicians]]")
+    text = gpt_dataset.wikitext_to_text(wikitext)
+    assert text == "Ada Lovelace was an English mathematician.\n\nLife\nShe wrote notes."
+
+
+def test_parquet_jsonl_and_txt_sources(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    body = "The Rhine is a river that flows from the Swiss Alps to the North Sea. " * 5
+    rows = [{"id": str(i), "url": f"https://en.wikipedia.org/wiki?curid={i}", "title": f"Page {i}",
+             "text": f"Page {i}. {body}"} for i in range(200)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "part-0.parquet")
+    with open(tmp_path / "pages.jsonl", "w") as f:
+        for row in rows[:50]:
+            f.write(json.dumps({**row, "id": "j" + row["id"]}) + "\n")
+    (tmp_path / "essay.txt").write_text("A plain text file. " + body)
+    gpt_dataset.main(["--source", str(tmp_path), "--out", str(tmp_path / "out"), "--val-fraction", "0.1"])
+    manifest = load_manifest(str(tmp_path / "out"))
+    assert manifest["train"]["articles"] + manifest["val"]["articles"] == 251
+    docs = decoded_documents(str(tmp_path / "out"), "train") + decoded_documents(str(tmp_path / "out"), "val")
+    assert sum(doc.startswith("Page 7. The Rhine") for doc in docs) == 2  # once from parquet, once from jsonl
+    assert sum(doc.startswith("A plain text file.") for doc in docs) == 1
+
+
+def test_text_normalisation_short_articles_and_literal_separators(tmp_path):
+    long = "word " * 40
+    rows = [{"id": "a", "text": "Cafe\u0301 " + long}, {"id": "b", "text": "too short"},
+            {"id": "c", "text": "Text with <|endoftext|> inside. " + long}, {"id": "d", "text": "more " + long}]
+    (tmp_path / "src.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = str(tmp_path / "out")
+    gpt_dataset.main(["--source", str(tmp_path / "src.jsonl"), "--out", out, "--val-fraction", "0.4"])
+    docs = decoded_documents(out, "train") + decoded_documents(out, "val")
+    assert len(docs) == 3  # "too short" dropped; a literal separator does not split a document
+    assert any(doc.startswith("Caf\u00e9 ") for doc in docs)  # NFC: one code point
+    tokens = np.concatenate(open_split(out, "train") + open_split(out, "val"))
+    assert int((tokens == 50256).sum()) == 3
+
+
+def test_hub_source_offline_gives_one_clear_error(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(gpt_dataset.socket, "create_connection", no_network)
+    with pytest.raises(UsageError, match="--source sample"):
+        gpt_dataset.main(["--out", str(tmp_path / "x")])
+
+
+def write_damaged(tmp_path, sample_dir, damage):
+    manifest = load_manifest(sample_dir)
+    shard = next(s for s in manifest["shards"] if s["split"] == "val")
+    data = bytearray(open(os.path.join(sample_dir, shard["file"]), "rb").read())
+    path = tmp_path / shard["file"]
+    path.write_bytes(bytes(damage(data)))
+    return str(path), shard["sha256"]
+
+
+def header_field(index, value):
+    def damage(data):
+        data[4 * index : 4 * index + 4] = np.int32(value).tobytes()
+        return data
+    return damage
+
+
+@pytest.mark.parametrize("damage, message, needs_checksum", [
+    (lambda d: d[: len(d) - 1001], "truncated", False),
+    (header_field(0, 12345), "bad magic", False),
+    (header_field(1, 2), "version", False),
+    (lambda d: d[: len(d) - 4000] + bytes(4000), "sha256", True),  # zero-filled tail
+    (lambda d: d[:5000] + bytes([d[5000] ^ 0x10]) + d[5001:], "sha256", True),  # one flipped bit
+])
+def test_damaged_shards_are_refused(tmp_path, sample_dir, damage, message, needs_checksum):
+    path, sha = write_damaged(tmp_path, sample_dir, damage)
+    if needs_checksum:
+        open_shard(path)  # header and size look right: only the checksum can tell
+    with pytest.raises(DataError, match=message):
+        open_shard(path, sha)
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused(tmp_path):
+    path = tmp_path / "bad.bin"
+    data = gpt_dataset.shard_bytes(np.array([50256, 60000, 3], dtype=np.uint16))
+    path.write_bytes(data)
+    with pytest.raises(DataError, match="beyond GPT-2's vocabulary"):
+        open_shard(str(path), hashlib.sha256(data).hexdigest())
+
+
+def test_missing_manifest_and_directory_are_refused(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_manifest(str(tmp_path / "none"))
+    (tmp_path / "train_000000.bin").write_bytes(gpt_dataset.shard_bytes(np.zeros(4, np.uint16)))
+    with pytest.raises(DataError, match="interrupted run"):
+        load_manifest(str(tmp_path))
+
+
+def test_a_directory_of_other_settings_is_not_overwritten(tmp_path):
+    out = str(tmp_path / "out")
+    gpt_dataset.main(["--source", "sample", "--out", out, "--max-tokens", "20000"])
+    before = directory_digest(out)
+    with pytest.raises(UsageError, match="other settings"):
+        gpt_dataset.main(["--source", "sample", "--out", out, "--max-tokens", "30000"])
+    assert directory_digest(out) == before
+
+
+def run_script(args, **kwargs):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "gpt_dataset.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT, **kwargs)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--shard-tokens", "lots"], "invalid int value"),
+    (["--no-such-flag"], "unrecognized arguments"),
+    (["--source", "/nonexistent/dump.xml.bz2"], "names no readable files"),
+    (["--source", "sample", "--lang", "de"], "the sample exists for"),
+    (["--val-fraction", "1.5"], "--val-fraction"),
+])
+def test_bad_command_lines_get_one_clear_line(args, message):
+    result = run_script(args)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr.strip().splitlines()[-1]
+
+
+def test_help_lists_every_setting():
+    result = run_script(["--help"])
+    assert result.returncode == 0
+    for flag in ("--source", "--lang", "--date", "--out", "--shard-tokens", "--max-tokens", "--workers"):
+        assert flag in result.stdout
+
+
+def test_killed_runs_resume_to_identical_output(tmp_path):
+    """kill -9 and Ctrl-C at random moments; re-running the command must end with the same files."""
+    args = ["--source", "sample", "--shard-tokens", "20000", "--workers", "2", "--batch-articles", "8"]
+    reference = str(tmp_path / "reference")
+    started = time.monotonic()
+    assert run_script(args + ["--out", reference]).returncode == 0
+    duration = time.monotonic() - started
+    expected = directory_digest(reference)
+    assert len(expected) > 40
+
+    out = str(tmp_path / "interrupted")
+    progress = os.path.join(out, "progress.json")
+    rng = random.Random(0)
+    interruptions = 0
+    for attempt in range(10):
+        process = subprocess.Popen([sys.executable, os.path.join(ROOT, "gpt_dataset.py"), *args, "--out", out],
+                                   cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        before = os.path.getmtime(progress) if os.path.exists(progress) else 0
+        while process.poll() is None and (not os.path.exists(progress) or os.path.getmtime(progress) == before):
+            time.sleep(0.01)  # wait until this run has written at least one shard of its own
+        time.sleep(rng.uniform(0, 0.1))
+        if process.poll() is not None:
+            break
+        process.send_signal(signal.SIGKILL if attempt % 2 == 0 else signal.SIGINT)
+        process.wait()
+        interruptions += 1
+    assert interruptions >= 4
+    assert run_script(args + ["--out", out]).returncode == 0
+    assert directory_digest(out) == expected
