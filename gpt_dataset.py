@@ -507,22 +507,28 @@ def is_validation(article_id, val_fraction):
 # ---- Tokenising, in worker processes ----
 
 
-def tokenize_batch(batch, min_chars):
-    """[(is_val, chars, tokens)] for a batch of raw articles; None for those too short to keep.
+def tokenize_batch(batch, min_chars, val_fraction):
+    """Cleans and tokenises a batch of raw articles, each prefixed with <|endoftext|>.
 
-    A literal "<|endoftext|>" in an article is encoded as ordinary text (encode_ordinary), so only
-    our separator is ever the special token.
+    Returns (is_val, chars, lengths, tokens): per-article lists (length 0 marks an article dropped as
+    too short) and all tokens in one uint16 array. One array per batch, not one per article, keeps
+    the cost of sending results back between processes small. A literal "<|endoftext|>" inside an
+    article is encoded as ordinary text (encode_ordinary), so only our separator is the special token.
     """
     encoder = gpt2_tokenizer()
-    results = []
-    for is_val, text, is_wikitext in batch:
+    is_val, chars, lengths, ids = [], [], [], []
+    for article_id, text, is_wikitext in batch:
         text = clean_article(text, is_wikitext)
+        is_val.append(is_validation(article_id, val_fraction))
+        chars.append(len(text))
         if len(text) < min_chars:
-            results.append(None)
+            lengths.append(0)
             continue
-        tokens = np.array([EOT_TOKEN, *encoder.encode_ordinary(text)], dtype=np.uint16)
-        results.append((is_val, len(text), tokens))
-    return results
+        article = encoder.encode_ordinary(text)
+        ids.append(EOT_TOKEN)
+        ids.extend(article)
+        lengths.append(len(article) + 1)
+    return is_val, chars, lengths, np.array(ids, dtype=np.uint16)
 
 
 @dataclass
@@ -536,7 +542,7 @@ class DatasetConfig:
     max_tokens: int | None = None  # stop after the article that reaches this many tokens (a quick subset)
     min_chars: int = 100  # articles shorter than this after cleaning are dropped
     workers: int = 0  # tokenising processes; 0 means one per CPU core
-    batch_articles: int = 64  # articles per task sent to a worker
+    batch_chars: int = 1_000_000  # characters of text per task sent to a worker; fewer, larger messages scale better
 
 
 def resolve_config(config):
@@ -545,8 +551,8 @@ def resolve_config(config):
         config.val_fraction = 0.05 if config.source == "sample" else 0.005
     if not 0 < config.val_fraction < 1:
         raise UsageError(f"--val-fraction must be between 0 and 1, got {config.val_fraction}")
-    if config.shard_tokens < 1 or config.batch_articles < 1 or config.min_chars < 0 or config.workers < 0:
-        raise UsageError("--shard-tokens and --batch-articles must be positive, --min-chars and --workers >= 0")
+    if config.shard_tokens < 1 or config.batch_chars < 1 or config.min_chars < 0 or config.workers < 0:
+        raise UsageError("--shard-tokens and --batch-chars must be positive, --min-chars and --workers >= 0")
     if config.max_tokens is not None and config.max_tokens < 1:
         raise UsageError(f"--max-tokens must be positive, got {config.max_tokens}")
     if not re.fullmatch(r"[a-z][a-z0-9-]{1,15}", config.lang):
@@ -626,13 +632,15 @@ def run_fingerprint(config):
     return {k: getattr(config, k) for k in keys}
 
 
-def batched_tasks(articles, batch_size, val_fraction):
-    batch = []
+def batched_tasks(articles, batch_chars):
+    """Groups raw articles into worker tasks of about `batch_chars` characters each."""
+    batch, size = [], 0
     for article_id, _title, text, is_wikitext in articles:
-        batch.append((is_validation(article_id, val_fraction), text, is_wikitext))
-        if len(batch) == batch_size:
+        batch.append((article_id, text, is_wikitext))
+        size += len(text)
+        if size >= batch_chars:
             yield batch
-            batch = []
+            batch, size = [], 0
     if batch:
         yield batch
 
@@ -641,7 +649,7 @@ def tokenized_batches(tasks, config):
     """Results of tokenize_batch for each task, in order. Workers run ahead by a bounded number of
     batches, so memory stays flat however large the source is."""
     if config.workers == 1:
-        yield from (tokenize_batch(task, config.min_chars) for task in tasks)
+        yield from (tokenize_batch(task, config.min_chars, config.val_fraction) for task in tasks)
         return
     import collections
     import multiprocessing
@@ -650,7 +658,7 @@ def tokenized_batches(tasks, config):
     gpt2_tokenizer()  # load (or fetch) once here, so that the forked workers inherit it
     with multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(config.workers) as pool:
         for task in tasks:
-            in_flight.append(pool.apply_async(tokenize_batch, (task, config.min_chars)))
+            in_flight.append(pool.apply_async(tokenize_batch, (task, config.min_chars, config.val_fraction)))
             if len(in_flight) >= 4 * config.workers:
                 yield in_flight.popleft().get()
         while in_flight:
@@ -693,21 +701,22 @@ def main(argv=None):
         remove_pending_files(out, keep={s["pending"] for s in splits.values()})
 
     articles, total = raw_articles(config)
-    tasks = batched_tasks(itertools.islice(articles, articles_read, None), config.batch_articles, config.val_fraction)
+    tasks = batched_tasks(itertools.islice(articles, articles_read, None), config.batch_chars)
     bar = tqdm(total=total, unit=" articles", initial=articles_read, dynamic_ncols=True, smoothing=0.1)
     done = False
-    for results in tokenized_batches(tasks, config):
-        for result in results:
+    for is_val, chars, lengths, tokens in tokenized_batches(tasks, config):
+        offset = 0
+        for val, n_chars, length in zip(is_val, chars, lengths):
             articles_read += 1
-            if result is None:
+            if length == 0:
                 continue
-            is_val, chars, tokens = result
-            if writers["val" if is_val else "train"].add(chars, tokens):
+            if writers["val" if val else "train"].add(n_chars, tokens[offset : offset + length]):
                 save_progress()  # a shard was written: a restart may begin after this article
+            offset += length
             if config.max_tokens and sum(w.tokens for w in writers.values()) >= config.max_tokens:
                 done = True
                 break
-        bar.update(len(results))
+        bar.update(len(lengths))
         bar.set_postfix(tokens=f"{sum(w.tokens for w in writers.values()):,}", refresh=False)
         if done:
             break

@@ -70,7 +70,7 @@ def test_split_is_a_stable_hash_of_the_article_id():
 
 
 def test_workers_give_identical_bytes_to_one_worker(tmp_path):
-    args = ["--source", "sample", "--max-tokens", "200000", "--shard-tokens", "30000", "--batch-articles", "16"]
+    args = ["--source", "sample", "--max-tokens", "200000", "--shard-tokens", "30000", "--batch-chars", "20000"]
     gpt_dataset.main(args + ["--out", str(tmp_path / "one"), "--workers", "1"])
     gpt_dataset.main(args + ["--out", str(tmp_path / "two"), "--workers", "2"])
     one, two = directory_digest(tmp_path / "one"), directory_digest(tmp_path / "two")
@@ -227,7 +227,7 @@ def test_help_lists_every_setting():
 
 def test_killed_runs_resume_to_identical_output(tmp_path):
     """kill -9 and Ctrl-C at random moments; re-running the command must end with the same files."""
-    args = ["--source", "sample", "--shard-tokens", "20000", "--workers", "2", "--batch-articles", "8"]
+    args = ["--source", "sample", "--shard-tokens", "20000", "--workers", "2", "--batch-chars", "10000"]
     reference = str(tmp_path / "reference")
     started = time.monotonic()
     assert run_script(args + ["--out", reference]).returncode == 0
