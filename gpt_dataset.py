@@ -510,17 +510,18 @@ def is_validation(article_id, val_fraction):
 def tokenize_batch(batch, min_chars, val_fraction):
     """Cleans and tokenises a batch of raw articles, each prefixed with <|endoftext|>.
 
-    Returns (is_val, chars, lengths, tokens): per-article lists (length 0 marks an article dropped as
+    Returns (is_val, sizes, lengths, tokens): per-article lists ((characters, UTF-8 bytes) and token
+    counts, where length 0 marks an article dropped as
     too short) and all tokens in one uint16 array. One array per batch, not one per article, keeps
     the cost of sending results back between processes small. A literal "<|endoftext|>" inside an
     article is encoded as ordinary text (encode_ordinary), so only our separator is the special token.
     """
     encoder = gpt2_tokenizer()
-    is_val, chars, lengths, ids = [], [], [], []
+    is_val, sizes, lengths, ids = [], [], [], []
     for article_id, text, is_wikitext in batch:
         text = clean_article(text, is_wikitext)
         is_val.append(is_validation(article_id, val_fraction))
-        chars.append(len(text))
+        sizes.append((len(text), len(text.encode("utf-8"))))
         if len(text) < min_chars:
             lengths.append(0)
             continue
@@ -528,7 +529,7 @@ def tokenize_batch(batch, min_chars, val_fraction):
         ids.append(EOT_TOKEN)
         ids.extend(article)
         lengths.append(len(article) + 1)
-    return is_val, chars, lengths, np.array(ids, dtype=np.uint16)
+    return is_val, sizes, lengths, np.array(ids, dtype=np.uint16)
 
 
 @dataclass
@@ -579,15 +580,17 @@ class ShardWriter:
         self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
         self.buffer = np.empty(shard_tokens, dtype=np.uint16)
         self.shards = state.get("shards", [])
-        self.articles, self.chars, self.tokens = state.get("articles", 0), state.get("chars", 0), state.get("tokens", 0)
+        self.articles, self.tokens = state.get("articles", 0), state.get("tokens", 0)
+        self.chars, self.bytes = state.get("chars", 0), state.get("bytes", 0)
         pending = state.get("pending")
         pending = np.fromfile(os.path.join(out_dir, pending), dtype=np.uint16) if pending else np.empty(0, np.uint16)
         self.buffer[: len(pending)] = pending
         self.filled = len(pending)
 
-    def add(self, chars, tokens):
-        """Adds one article; returns True when a shard was written."""
-        self.articles, self.chars, self.tokens = self.articles + 1, self.chars + chars, self.tokens + len(tokens)
+    def add(self, size, tokens):
+        """Adds one article, of `size` (characters, UTF-8 bytes); returns True when a shard was written."""
+        self.articles, self.tokens = self.articles + 1, self.tokens + len(tokens)
+        self.chars, self.bytes = self.chars + size[0], self.bytes + size[1]
         wrote = False
         while len(tokens):
             room = self.shard_tokens - self.filled
@@ -616,7 +619,7 @@ class ShardWriter:
         if self.filled:
             pending = f".pending_{self.split}_{articles_read}.bin"
             atomic_write_bytes(os.path.join(self.out_dir, pending), self.buffer[: self.filled].tobytes())
-        return {"shards": self.shards, "articles": self.articles, "chars": self.chars,
+        return {"shards": self.shards, "articles": self.articles, "chars": self.chars, "bytes": self.bytes,
                 "tokens": self.tokens, "pending": pending}
 
 
@@ -704,13 +707,13 @@ def main(argv=None):
     tasks = batched_tasks(itertools.islice(articles, articles_read, None), config.batch_chars)
     bar = tqdm(total=total, unit=" articles", initial=articles_read, dynamic_ncols=True, smoothing=0.1)
     done = False
-    for is_val, chars, lengths, tokens in tokenized_batches(tasks, config):
+    for is_val, sizes, lengths, tokens in tokenized_batches(tasks, config):
         offset = 0
-        for val, n_chars, length in zip(is_val, chars, lengths):
+        for val, size, length in zip(is_val, sizes, lengths):
             articles_read += 1
             if length == 0:
                 continue
-            if writers["val" if val else "train"].add(n_chars, tokens[offset : offset + length]):
+            if writers["val" if val else "train"].add(size, tokens[offset : offset + length]):
                 save_progress()  # a shard was written: a restart may begin after this article
             offset += length
             if config.max_tokens and sum(w.tokens for w in writers.values()) >= config.max_tokens:
@@ -724,7 +727,7 @@ def main(argv=None):
 
     for writer in writers.values():
         writer.flush()
-    summary = {s: {"articles": w.articles, "chars": w.chars, "tokens": w.tokens, "shards": len(w.shards)}
+    summary = {s: {"articles": w.articles, "chars": w.chars, "bytes": w.bytes, "tokens": w.tokens, "shards": len(w.shards)}
                for s, w in writers.items()}
     if not summary["train"]["tokens"] or not summary["val"]["tokens"]:
         raise DataError(f"{config.source} gave too little text for both splits ({summary}); check the source "

@@ -1,0 +1,626 @@
+"""Trains the GPT-2 of transformer.py on the token shards of gpt_dataset.py.
+
+    python gpt_train.py --data data/sample_en --preset mini --max-steps 600     # CPU, minutes
+    python gpt_train.py --data data/wikipedia_en_20231101 --preset gpt2         # one GPU
+    torchrun --nproc_per_node=8 gpt_train.py --data ... --preset gpt2           # eight GPUs
+    python gpt_train.py ... --resume                                            # continue a run
+
+Everything happens in main(), top to bottom: set-up, then for each step maybe evaluate and save
+a checkpoint, then the optimisation step (micro-batches with gradient accumulation, clipping, the
+learning rate of this step, AdamW), then one log line. There is no Trainer class to look inside.
+
+A run directory (--out-dir) holds train_config.json, metrics.jsonl, plots.png and checkpoints
+`ckpt_NNNNNNN/`: the model in Hugging Face's GPT-2 layout (so `transformers` and infer.py load it)
+plus everything needed to continue bit for bit: optimizer moments, step, data position and every
+RNG state, in safetensors and JSON (no pickle). Checkpoints are written under a temporary name and
+renamed when complete, so a crash never leaves a half checkpoint that looks whole. SIGTERM or
+Ctrl-C saves one at the next step boundary and exits. Measured speeds are in docs/benchmarks.md.
+"""
+
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from gpt_dataset import DataError, UsageError, load_manifest, open_split, parse_config, run_cli
+from infer import checkpoints_in, encode_prompt, generate_text, pick_device
+from transformer import GPT, PRESETS, CheckpointError, config_from_preset
+
+
+@dataclass
+class TrainConfig:
+    data: str = "data/sample_en"  # dataset directory written by gpt_dataset.py
+    out_dir: str | None = None  # run directory for checkpoints, logs and plots; default runs/<preset>
+    preset: str = "mini"  # model size: tiny, mini, small, gpt2, gpt2-medium, gpt2-large, gpt2-xl
+    n_layer: int | None = None  # override the preset's number of blocks
+    n_head: int | None = None  # override the preset's attention heads
+    n_embd: int | None = None  # override the preset's width
+    block_size: int | None = None  # override the preset's context length (tokens)
+    dropout: float | None = None  # override the preset's dropout (0 for pretraining)
+    init_from: str | None = None  # start from a Hugging Face GPT-2 directory or hub name instead of random weights
+    max_steps: int = 600  # optimizer steps in the whole run
+    batch_size: int = 16  # sequences per micro-batch per process
+    tokens_per_step: int | None = None  # tokens per optimizer step over all processes; sets accumulation
+    lr: float = 1e-3  # peak learning rate, reached after warmup
+    min_lr: float | None = None  # final learning rate of the cosine decay; default lr / 10
+    warmup_steps: int = 50  # linear warmup from lr / warmup_steps to lr
+    weight_decay: float = 0.1  # AdamW decay on matrices
+    beta1: float = 0.9  # AdamW momentum
+    beta2: float = 0.95  # AdamW second-moment decay; 0.95 is steadier than 0.999 for LMs
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables
+    eval_interval: int = 100  # steps between validation runs (and text samples)
+    eval_steps: int = 20  # validation batches per evaluation (fixed batches, the same every time)
+    ckpt_interval: int = 200  # steps between checkpoints; the last step always gets one
+    keep_last: int = 2  # newest checkpoints kept, besides the best by validation loss
+    sample_tokens: int = 48  # tokens in the text sample printed at each evaluation; 0 disables
+    compile: bool | None = None  # torch.compile the model; default on for CUDA
+    dtype: str = "auto"  # auto, float32, bfloat16 or float16 (autocast; weights stay float32)
+    device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
+    seed: int = 1337  # seeds weights, data order and dropout
+    resume: bool = False  # continue from the newest complete checkpoint in --out-dir
+    max_bad_steps: int = 5  # consecutive non-finite losses or gradients before the run stops
+    verify_data: bool = False  # check every shard's sha256 before training (reads the whole dataset)
+
+
+# ---- Pure functions of the schedule ----
+
+
+def lr_at(step, *, max_lr, min_lr, warmup_steps, max_steps):
+    """Learning rate of optimizer step `step` (0-based): linear warmup to max_lr over warmup_steps,
+    then a half cosine from max_lr down to min_lr at max_steps, and min_lr after that."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+# ---- Data ----
+
+
+class TokenWindows:
+    """Batches of (T + 1)-token windows from memory-mapped shards, for inputs and next-token targets.
+
+    The split is cut into non-overlapping windows, grouped into blocks of B windows (one micro-batch);
+    each epoch visits every block in an order shuffled by (seed, epoch). The position is one integer,
+    the number of blocks consumed, saved in checkpoints: a resumed run reads exactly the batches the
+    uninterrupted run would have read. Rank r of N takes blocks r, r + N, r + 2N, ..., so N processes
+    read the same data as one process accumulating N micro-batches.
+    """
+
+    def __init__(self, shards, block_size, batch_size, *, seed, rank=0, world_size=1, shuffle=True):
+        self.shards, self.T, self.B = shards, block_size, batch_size
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.offsets = np.cumsum([0] + [len(s) for s in shards])  # where each shard starts in the split
+        n_windows = int((self.offsets[-1] - 1) // block_size)
+        self.blocks_per_epoch = n_windows // batch_size
+        if self.blocks_per_epoch < world_size:
+            raise DataError(f"the split holds {self.offsets[-1]:,} tokens, fewer than one batch of "
+                            f"{batch_size * world_size} x {block_size + 1}; use a smaller --batch-size or --block-size")
+        self.blocks_done = 0
+        self.epoch_order = (None, None)  # (epoch, its shuffled window order), computed once per epoch
+
+    def order(self, epoch):
+        if self.epoch_order[0] != epoch:
+            n = self.blocks_per_epoch * self.B
+            order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            self.epoch_order = (epoch, order)
+        return self.epoch_order[1]
+
+    def window(self, index):
+        """Tokens [index * T, index * T + T + 1) of the split, which may span two shards."""
+        start, end = index * self.T, index * self.T + self.T + 1
+        shard = int(np.searchsorted(self.offsets, start, side="right") - 1)
+        pieces = []
+        while start < end:
+            local = start - self.offsets[shard]
+            take = min(end - start, len(self.shards[shard]) - local)
+            pieces.append(self.shards[shard][local : local + take])
+            start, shard = start + take, shard + 1
+        return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+
+    def next_batch(self):
+        """(B, T + 1) int64 array: this rank's block of the next global micro-batch."""
+        epoch, block = divmod(self.blocks_done + self.rank, self.blocks_per_epoch)
+        mine = self.order(epoch)[block * self.B : (block + 1) * self.B]
+        self.blocks_done += self.world_size
+        return np.stack([self.window(i) for i in mine]).astype(np.int64)
+
+    def state(self):
+        return {"blocks_done": self.blocks_done}
+
+    def load_state(self, state):
+        self.blocks_done = int(state["blocks_done"])
+
+
+def to_device(batch, device):
+    """(inputs, targets) on the device; through pinned memory on CUDA, so the copy overlaps compute."""
+    tensor = torch.from_numpy(batch)
+    if device.type == "cuda":
+        tensor = tensor.pin_memory().to(device, non_blocking=True)
+    else:
+        tensor = tensor.to(device)
+    return tensor[:, :-1], tensor[:, 1:]
+
+
+# ---- Checkpoints ----
+
+
+def flatten_optimizer_state(optimizer):
+    """(tensors, json) of an optimizer's state_dict, so it can be stored without pickle."""
+    state = optimizer.state_dict()
+    tensors = {f"{index}.{key}": value for index, entry in state["state"].items()
+               for key, value in entry.items() if torch.is_tensor(value)}
+    scalars = {f"{index}.{key}": value for index, entry in state["state"].items()
+               for key, value in entry.items() if not torch.is_tensor(value)}
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer_state(tensors, meta):
+    state = {}
+    for name, value in list(tensors.items()) + list(meta["scalars"].items()):
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_states(device):
+    """Every RNG that training draws from (dropout uses torch's; data order is seeded per epoch)."""
+    states = {"torch_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["torch_cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def save_checkpoint(run_dir, step, raw_model, optimizer, scaler, train_windows, extra, all_rng):
+    """Writes ckpt_<step> atomically: everything goes into a temporary directory, which is renamed only
+    once every file is on disk. Returns the checkpoint's path."""
+    from safetensors.torch import save_file
+
+    final = os.path.join(run_dir, f"ckpt_{step:07d}")
+    if os.path.isdir(final):
+        return final  # this step was saved already (a stop right after resuming): same state, keep it
+    tmp = os.path.join(run_dir, f".tmp_ckpt_{step:07d}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        raw_model.save_pretrained(tmp)  # model.safetensors + config.json, loadable by transformers
+        tensors, optimizer_meta = flatten_optimizer_state(optimizer)
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, os.path.join(tmp, "optimizer.safetensors"))
+        save_file({f"rank{r}.{k}": v.cpu() for r, states in enumerate(all_rng) for k, v in states.items()},
+                  os.path.join(tmp, "rng.safetensors"))
+        state = {"step": step, "data": train_windows.state(), "optimizer": optimizer_meta,
+                 "scaler": scaler.state_dict() if scaler.is_enabled() else None, **extra}
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump(state, f, indent=1)
+        for name in os.listdir(tmp):  # flush to disk before the rename makes the checkpoint visible
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        os.rename(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UsageError(f"could not write checkpoint {final} ({e.strerror}); earlier checkpoints are intact, "
+                         "free disk space and resume with --resume") from e
+    return final
+
+
+def prune_checkpoints(run_dir, keep_last):
+    """Deletes all but the newest `keep_last` checkpoints and the best by validation loss."""
+    from infer import best_checkpoint
+
+    checkpoints = checkpoints_in(run_dir)
+    keep = set(checkpoints[-keep_last:]) if keep_last > 0 else set()
+    keep.add(best_checkpoint(run_dir))
+    keep.add(checkpoints[-1])
+    for path in checkpoints:
+        if path not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def load_training_state(checkpoint):
+    """(trainer_state dict, optimizer tensors, rng tensors) of a checkpoint, read without unpickling."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+            state = json.load(f)
+        optimizer_tensors = load_file(os.path.join(checkpoint, "optimizer.safetensors"))
+        rng = load_file(os.path.join(checkpoint, "rng.safetensors"))
+    except (OSError, ValueError, SafetensorError) as e:
+        raise CheckpointError(f"{checkpoint} cannot be resumed: its training state is missing or damaged ({e}); "
+                              "delete that directory to resume from the one before") from e
+    return state, optimizer_tensors, rng
+
+
+# ---- Monitoring ----
+
+PEAK_BF16_TFLOPS = {  # dense bf16 tensor-core peaks from the vendors' data sheets, per GPU
+    "H200": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0, "GH200": 989.0, "B200": 2250.0,
+    "A100": 312.0, "A10G": 125.0, "A10": 125.0, "L40S": 362.0, "L4": 121.0, "RTX 4090": 165.0,
+    "RTX 3090": 71.0, "V100": 125.0, "T4": 65.0,
+}
+
+
+def peak_flops(device):
+    """Peak bf16 FLOP/s of the CUDA device, from its name; None where unknown (no MFU is shown)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_BF16_TFLOPS.items():  # longer names first where they share a prefix
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def memory_in_use(device):
+    """(label, GiB): peak CUDA memory allocated, else the process's peak resident memory."""
+    if device.type == "cuda":
+        return "cuda_peak", torch.cuda.max_memory_allocated(device) / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return "rss_peak", rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def plot_metrics(metrics_path, png_path):
+    """Four panels: train and validation loss, learning rate, tokens/s and memory, against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
+    train = [r for r in rows if "loss" in r]
+    val = [r for r in rows if "val_loss" in r]
+    if not train:
+        return
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    ax = axes[0, 0]
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8, alpha=0.7, label="train")
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    ax.set(title="Loss", xlabel="step", ylabel="cross-entropy (nats/token, log scale)", yscale="log")
+    ax.legend()
+    panels = [(axes[0, 1], "lr", "Learning rate", "learning rate"),
+              (axes[1, 0], "tokens_per_s", "Throughput", "tokens / s"),
+              (axes[1, 1], "memory_gib", "Memory", "GiB (" + train[-1].get("memory", "") + ")")]
+    for ax, key, title, label in panels:
+        points = [(r["step"], r[key]) for r in train if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), lw=0.8)
+        ax.set(title=title, xlabel="step", ylabel=label)
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = png_path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
+# ---- Set-up helpers ----
+
+
+def resolve_config(config, world_size):
+    """Checks the knobs and derives what follows from them; returns (config, model config, accumulation)."""
+    if config.preset not in PRESETS:
+        raise UsageError(f"unknown --preset {config.preset!r}; choose one of {', '.join(PRESETS)}")
+    positive = ("max_steps", "batch_size", "eval_interval", "eval_steps", "ckpt_interval", "max_bad_steps")
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    if config.lr <= 0 or config.warmup_steps < 0 or config.weight_decay < 0 or config.grad_clip < 0:
+        raise UsageError("--lr must be positive; --warmup-steps, --weight-decay and --grad-clip >= 0")
+    if config.keep_last < 1 or config.sample_tokens < 0:
+        raise UsageError("--keep-last must be at least 1 and --sample-tokens >= 0")
+    if config.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise UsageError(f"--dtype must be auto, float32, bfloat16 or float16, got {config.dtype!r}")
+    config.min_lr = config.lr / 10 if config.min_lr is None else config.min_lr
+    if not 0 <= config.min_lr <= config.lr:
+        raise UsageError(f"--min-lr must be between 0 and --lr, got {config.min_lr}")
+    config.out_dir = config.out_dir or os.path.join("runs", config.preset)
+    sizes = dict(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
+                 block_size=config.block_size, dropout=config.dropout)
+    try:
+        model_config = config_from_preset(config.preset, **sizes)
+    except ValueError as e:
+        raise UsageError(f"impossible model size: {e}") from e
+    tokens_per_micro = config.batch_size * model_config.block_size * world_size
+    config.tokens_per_step = config.tokens_per_step or tokens_per_micro
+    if config.tokens_per_step % tokens_per_micro:
+        raise UsageError(f"--tokens-per-step ({config.tokens_per_step}) must be a multiple of batch size x block "
+                         f"size x processes ({tokens_per_micro})")
+    return config, model_config, config.tokens_per_step // tokens_per_micro
+
+
+def autocast_dtype(requested, device):
+    """The autocast dtype, or None for plain float32. auto: bf16 on CUDA where supported, else fp16;
+    bf16 on CPU, where it runs faster than fp32 (docs/benchmarks.md); fp32 on MPS."""
+    if requested == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if device.type == "cpu" else None
+    if requested == "float16" and device.type != "cuda":
+        raise UsageError("--dtype float16 needs a CUDA GPU (it relies on a gradient scaler); use bfloat16")
+    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
+
+
+def val_bytes_per_token(data_dir):
+    """UTF-8 bytes per token of the validation split: bits per byte = loss / ln 2 / this, a measure
+    that does not depend on the tokenizer."""
+    val = load_manifest(data_dir)["val"]
+    return val["bytes"] / val["tokens"]
+
+
+class StopSignal:
+    """Turns SIGTERM and SIGINT into a flag checked at step boundaries, so a pre-empted job saves a
+    checkpoint and exits cleanly. Further signals only set the flag again: the save is not cut short."""
+
+    def __init__(self):
+        self.received = None
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def main(argv=None):
+    config = parse_config(TrainConfig, argv, description=__doc__.split("\n\n")[0])
+
+    # ---- Processes and devices ----
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, local_rank, world_size = 0, 0, 1
+    if distributed:  # launched by torchrun, which sets these variables
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+    config, model_config, accumulation = resolve_config(config, world_size)
+    device = pick_device(config.device)
+    if distributed:
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    master = rank == 0
+    amp_dtype = autocast_dtype(config.dtype, device)
+    use_compile = config.compile if config.compile is not None else device.type == "cuda"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for any float32 matmul left
+        torch.backends.cudnn.allow_tf32 = True
+    from loguru import logger
+
+    logger.remove()
+    if master:
+        logger.add(sys.stderr, format="{time:HH:mm:ss} | {message}", level="INFO")
+    run_dir = config.out_dir
+
+    # ---- Model, optimizer, and the checkpoint to continue from ----
+    checkpoint = None
+    if config.resume:
+        found = checkpoints_in(run_dir)
+        if not found:
+            raise UsageError(f"--resume: {run_dir} holds no complete checkpoint; start without --resume")
+        checkpoint = found[-1]
+    elif checkpoints_in(run_dir):
+        raise UsageError(f"{run_dir} already holds checkpoints; pass --resume to continue that run, "
+                         "or choose another --out-dir")
+    torch.manual_seed(config.seed + rank)  # different dropout masks per rank; DDP copies rank 0's weights
+    if checkpoint:
+        model = GPT.from_pretrained(checkpoint)  # the architecture is the checkpoint's
+    elif config.init_from:
+        if any(v is not None for v in (config.n_layer, config.n_head, config.n_embd, config.block_size)):
+            raise UsageError("--init-from takes the pretrained model's size: drop --n-layer, --n-head, "
+                             "--n-embd and --block-size")
+        model = GPT.from_pretrained(config.init_from, dropout=config.dropout)
+    else:
+        model = GPT(model_config)
+    model_config = model.config
+    model.to(device)
+    raw_model = model
+    optimizer = model.make_optimizer(lr=config.lr, weight_decay=config.weight_decay,
+                                     betas=(config.beta1, config.beta2), device_type=device.type)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+    # ---- Data ----
+    T, B = model_config.block_size, config.batch_size
+    train_windows = TokenWindows(open_split(config.data, "train", verify=config.verify_data), T, B,
+                                 seed=config.seed, rank=rank, world_size=world_size)
+    val_windows = TokenWindows(open_split(config.data, "val", verify=config.verify_data), T, B,
+                               seed=config.seed, rank=rank, world_size=world_size, shuffle=False)
+    eval_steps = min(config.eval_steps, val_windows.blocks_per_epoch // world_size)
+    bytes_per_token = val_bytes_per_token(config.data)
+
+    start_step, best_val, metrics_path = 0, None, os.path.join(run_dir, "metrics.jsonl")
+    if checkpoint:
+        state, optimizer_tensors, rng = load_training_state(checkpoint)
+        optimizer.load_state_dict(unflatten_optimizer_state(optimizer_tensors, state["optimizer"]))
+        if state.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(state["scaler"])
+        train_windows.load_state(state["data"])
+        start_step, best_val = state["step"], state.get("best_val_loss")
+        if f"rank{rank}.torch_cpu" in rng:
+            torch.set_rng_state(rng[f"rank{rank}.torch_cpu"])
+        if device.type == "cuda" and f"rank{rank}.torch_cuda" in rng:
+            torch.cuda.set_rng_state(rng[f"rank{rank}.torch_cuda"], device)
+    if master:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "train_config.json"), "w") as f:
+            json.dump({"train": asdict(config), "model": asdict(model_config)}, f, indent=2)
+        if checkpoint and os.path.exists(metrics_path):  # drop what the interrupted run logged after it
+            rows = [line for line in open(metrics_path) if line.strip() and json.loads(line)["step"] <= start_step]
+            with open(metrics_path, "w") as f:
+                f.writelines(rows)
+    if use_compile:
+        model = torch.compile(model)
+    if distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    flops_per_token = raw_model.flops_per_token(T)
+    peak = peak_flops(device)
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    logger.info(f"config: {json.dumps(asdict(config))}")
+    logger.info(f"model: {raw_model.num_params():,} parameters ({raw_model.num_params(embeddings=False):,} "
+                f"without embeddings), {model_config.n_layer} layers, {model_config.n_head} heads, width "
+                f"{model_config.n_embd}, context {T}")
+    logger.info(f"device {device}, {world_size} process(es), autocast {amp_dtype or 'off (float32)'}, "
+                f"compile {use_compile}; {config.tokens_per_step:,} tokens per step = {world_size} x "
+                f"{accumulation} micro-batch(es) x {B} x {T}; {flops_per_token / 1e6:.1f} MFLOP per token")
+    if checkpoint:
+        logger.info(f"resuming from {checkpoint} at step {start_step}")
+
+    @torch.no_grad()
+    def evaluate():
+        """Mean loss over the fixed validation batches, averaged over all processes."""
+        model.eval()
+        val_windows.load_state({"blocks_done": 0})
+        total = torch.zeros((), device=device)
+        for _ in range(eval_steps):
+            x, y = to_device(val_windows.next_batch(), device)
+            with autocast:
+                total += model(x, y)[1].float()
+        if distributed:
+            dist.all_reduce(total)
+        model.train()
+        return total.item() / (eval_steps * world_size)
+
+    def append_metrics(row):
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    stop = StopSignal()
+    try:
+        model.train()
+        step, bad_steps, last_val, val_step = start_step, 0, None, None
+        step_times = []
+        while True:
+            last = step == config.max_steps
+            stop_now = stop.received is not None
+            if distributed:  # every rank must stop at the same step
+                flag = torch.tensor(float(stop_now), device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop_now = flag.item() > 0
+
+            # ---- Evaluate: validation loss, and a sample of text to read ----
+            if (step % config.eval_interval == 0 or last) and not stop_now:
+                last_val, val_step = evaluate(), step
+                best_val = last_val if best_val is None else min(best_val, last_val)
+                if master:
+                    bits_per_byte = last_val / math.log(2) / bytes_per_token
+                    logger.info(f"step {step}: val loss {last_val:.4f} | perplexity {math.exp(min(last_val, 50)):.1f} "
+                                f"| bits/byte {bits_per_byte:.3f}")
+                    append_metrics({"step": step, "val_loss": last_val, "val_bits_per_byte": bits_per_byte})
+                    if config.sample_tokens:
+                        raw_model.eval()
+                        text = generate_text(raw_model, encode_prompt("", T)[0], max_new_tokens=config.sample_tokens,
+                                             seed=config.seed)
+                        raw_model.train()
+                        logger.info(f"sample: {text!r}")
+                    plot_metrics(metrics_path, os.path.join(run_dir, "plots.png"))
+
+            # ---- Checkpoint ----
+            due = (step % config.ckpt_interval == 0 and step > start_step) or last or stop_now
+            if due:
+                gathered = [None] * world_size
+                if distributed:
+                    dist.all_gather_object(gathered, rng_states(device))
+                else:
+                    gathered = [rng_states(device)]
+                if master:
+                    extra = {"val_loss": last_val if val_step == step else None,
+                             "best_val_loss": best_val, "train_config": asdict(config)}
+                    path = save_checkpoint(run_dir, step, raw_model, optimizer, scaler, train_windows, extra, gathered)
+                    prune_checkpoints(run_dir, config.keep_last)
+                    logger.info(f"saved {path}")
+            if last or stop_now:
+                break
+
+            # ---- One optimizer step ----
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(accumulation):
+                x, y = to_device(train_windows.next_batch(), device)
+                # Gradients are all-reduced across processes only on the last micro-batch.
+                sync = not distributed or micro == accumulation - 1
+                with (nullcontext() if sync else model.no_sync()), autocast:
+                    _, loss = model(x, y)
+                    # The loss is a mean over tokens; dividing by the micro-batch count makes the summed
+                    # gradients the mean over the whole step, as if it were one large batch.
+                    loss = loss / accumulation
+                loss_sum += loss.detach().float()
+                scaler.scale(loss).backward()
+            if distributed:
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            scaler.unscale_(optimizer)
+            parameters = raw_model.parameters()
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip if config.grad_clip > 0 else float("inf"))
+            lr = lr_at(step, max_lr=config.lr, min_lr=config.min_lr, warmup_steps=config.warmup_steps,
+                       max_steps=config.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_value, norm_value = loss_sum.item(), grad_norm.item()
+            # fp16 overflows are the gradient scaler's business (it skips and lowers the scale);
+            # anything else non-finite means this update would poison the weights.
+            finite = math.isfinite(loss_value) and (scaler.is_enabled() or math.isfinite(norm_value))
+            if finite:
+                scaler.step(optimizer)
+                bad_steps = 0
+            else:
+                bad_steps += 1
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - started
+            step += 1
+
+            # ---- Log ----
+            if not finite:
+                logger.warning(f"step {step}: non-finite loss {loss_value} or gradient norm {norm_value}; "
+                               f"update skipped ({bad_steps} in a row)")
+                if bad_steps >= config.max_bad_steps:
+                    raise UsageError(f"{bad_steps} non-finite steps in a row at step {step}: training stopped, the "
+                                     f"last checkpoint in {run_dir} is intact; lower --lr or check the data")
+                continue
+            step_times.append(elapsed)
+            tokens_per_s = config.tokens_per_step / elapsed
+            memory_label, memory = memory_in_use(device)
+            typical = float(np.median(step_times[-20:]))
+            eta = (config.max_steps - step) * typical
+            mfu = flops_per_token * tokens_per_s / world_size / peak if peak else None
+            if master:
+                logger.info(f"step {step}/{config.max_steps} | loss {loss_value:.4f} | lr {lr:.2e} | norm "
+                            f"{norm_value:.2f} | {elapsed * 1000:.0f} ms | {tokens_per_s:,.0f} tok/s"
+                            + (f" | MFU {mfu:.1%}" if mfu is not None else "")
+                            + f" | {memory_label} {memory:.2f} GiB | ETA {eta / 60:.1f} min")
+                append_metrics({"step": step, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
+                                "ms": elapsed * 1000, "tokens_per_s": tokens_per_s, "mfu": mfu,
+                                "memory": memory_label, "memory_gib": memory})
+
+        if master:
+            plot_metrics(metrics_path, os.path.join(run_dir, "plots.png"))
+            if stop_now:
+                logger.info(f"stopped by {stop.received} at step {step}; continue with the same command and --resume")
+            else:
+                logger.info(f"done: {step} steps, best val loss {best_val:.4f}; plots in {run_dir}/plots.png")
+    finally:
+        stop.restore()
+        if distributed:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run_cli(main, known_errors=(CheckpointError,))

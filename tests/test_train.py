@@ -1,0 +1,262 @@
+"""gpt_train.py: schedule, data windows, an end-to-end run, exact resume, signals, NaNs, DDP, bad input."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import gpt_train
+from conftest import ROOT
+from gpt_dataset import UsageError
+from gpt_train import TokenWindows, lr_at
+from transformer import GPT
+
+# A model small enough that a step takes tens of milliseconds on a laptop CPU.
+FAST = ["--preset", "tiny", "--block-size", "32", "--batch-size", "4", "--eval-steps", "2", "--sample-tokens", "8",
+        "--warmup-steps", "2", "--lr", "3e-3"]
+
+
+def train(sample_dir, out_dir, *extra):
+    gpt_train.main(["--data", sample_dir, "--out-dir", str(out_dir), *FAST, *extra])
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+def weights(checkpoint):
+    return load_file(os.path.join(checkpoint, "model.safetensors"))
+
+
+def test_lr_schedule_boundaries():
+    kwargs = dict(max_lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert lr_at(0, **kwargs) == pytest.approx(0.1)  # first step: 1/10 of the peak, never zero
+    assert lr_at(9, **kwargs) == pytest.approx(1.0)  # warmup ends at the peak
+    assert lr_at(10, **kwargs) == pytest.approx(1.0)
+    assert lr_at(60, **kwargs) == pytest.approx(0.55)  # halfway down the cosine
+    assert lr_at(110, **kwargs) == pytest.approx(0.1)
+    assert lr_at(500, **kwargs) == pytest.approx(0.1)
+    rates = [lr_at(s, **kwargs) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    assert lr_at(0, max_lr=1.0, min_lr=0.0, warmup_steps=0, max_steps=10) == pytest.approx(1.0)
+
+
+def test_windows_span_shards_and_cover_each_epoch():
+    shards = [np.arange(0, 50, dtype=np.uint16), np.arange(50, 101, dtype=np.uint16)]
+    windows = TokenWindows(shards, block_size=10, batch_size=2, seed=0)
+    assert windows.blocks_per_epoch == 5
+    assert windows.window(4).tolist() == list(range(40, 51))  # crosses from shard 0 into shard 1
+    first_epoch = np.concatenate([windows.next_batch()[:, 0] for _ in range(5)])
+    assert sorted(first_epoch.tolist()) == list(range(0, 100, 10))  # each window once per epoch
+    second_epoch = np.concatenate([windows.next_batch()[:, 0] for _ in range(5)])
+    assert sorted(second_epoch.tolist()) == list(range(0, 100, 10))
+    assert first_epoch.tolist() != second_epoch.tolist()  # reshuffled
+    assert windows.state() == {"blocks_done": 10}
+
+
+def test_two_ranks_read_what_one_process_reads_in_two_micro_batches():
+    shards = [np.arange(1000, dtype=np.uint16)]
+    single = TokenWindows(shards, 10, 3, seed=5)
+    ranks = [TokenWindows(shards, 10, 3, seed=5, rank=r, world_size=2) for r in range(2)]
+    for _ in range(20):
+        expected = np.concatenate([single.next_batch(), single.next_batch()])
+        assert np.array_equal(np.concatenate([r.next_batch() for r in ranks]), expected)
+
+
+def test_end_to_end_run_learns_logs_plots_and_saves_loadable_checkpoints(sample_dir, tmp_path):
+    run = tmp_path / "run"
+    train(sample_dir, run, "--max-steps", "40", "--eval-interval", "20", "--ckpt-interval", "20")
+    rows = metrics(run)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    vals = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(losses) == 40 and len(vals) == 3
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0
+    assert vals[-1] < vals[0] - 1.0
+    assert all({"lr", "grad_norm", "tokens_per_s", "memory_gib"} <= set(r) for r in rows if "loss" in r)
+    png = (run / "plots.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    assert sorted(os.listdir(run)) == ["ckpt_0000020", "ckpt_0000040", "metrics.jsonl", "plots.png",
+                                       "train_config.json"]
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(run / "ckpt_0000040").eval()
+    ours = GPT.from_pretrained(str(run / "ckpt_0000040")).eval()
+    idx = torch.randint(0, 50257, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ours(idx)[0][..., :50257], rtol=1e-5, atol=1e-5)
+
+
+RESUME = ["--max-steps", "8", "--ckpt-interval", "4", "--eval-interval", "4", "--dropout", "0.1", "--keep-last", "5"]
+
+
+def resume_from_step_4(sample_dir, reference, tmp_path):
+    run = tmp_path / "resumed"
+    run.mkdir()
+    shutil.copytree(reference / "ckpt_0000004", run / "ckpt_0000004")
+    train(sample_dir, run, *RESUME, "--resume")
+    return run
+
+
+@pytest.fixture(scope="module")
+def reference_run(sample_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("reference") / "run"
+    train(sample_dir, run, *RESUME)
+    return run
+
+
+def test_resume_gives_bit_identical_losses_and_weights(sample_dir, reference_run, tmp_path):
+    run = resume_from_step_4(sample_dir, reference_run, tmp_path)
+    expected = [r["loss"] for r in metrics(reference_run) if "loss" in r and r["step"] > 4]
+    assert [r["loss"] for r in metrics(run) if "loss" in r] == expected
+    a, b = weights(reference_run / "ckpt_0000008"), weights(run / "ckpt_0000008")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("forget", ["data position", "rng state"])
+def test_resume_test_notices_a_state_left_unrestored(sample_dir, reference_run, tmp_path, monkeypatch, forget):
+    if forget == "data position":
+        monkeypatch.setattr(TokenWindows, "load_state", lambda self, state: None)
+    else:
+        monkeypatch.setattr(torch, "set_rng_state", lambda state: None)  # dropout masks come from it
+    run = resume_from_step_4(sample_dir, reference_run, tmp_path)
+    expected = [r["loss"] for r in metrics(reference_run) if "loss" in r and r["step"] > 4]
+    assert [r["loss"] for r in metrics(run) if "loss" in r] != expected
+
+
+def test_non_finite_losses_skip_updates_then_stop_with_checkpoint_intact(sample_dir, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    original = GPT.forward
+    calls = {"n": 0}
+
+    def poisoned(self, idx, targets=None, cache=None):
+        logits, loss = original(self, idx, targets, cache)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] > 3:  # training steps 4, 5, 6, ... produce NaN
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    with pytest.raises(UsageError, match="3 non-finite steps in a row"):
+        train(sample_dir, run, "--max-steps", "20", "--ckpt-interval", "3", "--eval-interval", "3",
+              "--max-bad-steps", "3")
+    assert sorted(p for p in os.listdir(run) if p.startswith("ckpt")) == ["ckpt_0000003"]
+    saved = weights(run / "ckpt_0000003")
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    assert len([r for r in metrics(run) if "loss" in r]) == 3  # skipped steps are not logged as trained
+
+
+def test_skipped_update_leaves_weights_unchanged(sample_dir, tmp_path, monkeypatch):
+    """Step 3 sees an infinite loss: the weights saved after it equal those saved after step 2."""
+    original = GPT.forward
+    calls = {"n": 0}
+
+    def poisoned(self, idx, targets=None, cache=None):
+        logits, loss = original(self, idx, targets, cache)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                loss = loss * float("inf")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    run = tmp_path / "run"
+    train(sample_dir, run, "--max-steps", "3", "--ckpt-interval", "1", "--eval-interval", "10", "--keep-last", "5")
+    after_2, after_3 = weights(run / "ckpt_0000002"), weights(run / "ckpt_0000003")
+    before = weights(run / "ckpt_0000001")
+    assert all(torch.equal(after_2[k], after_3[k]) for k in after_2)
+    assert any(not torch.equal(before[k], after_2[k]) for k in before)  # step 2 did update
+
+
+def run_train_script(args, **kwargs):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "gpt_train.py"), *args], capture_output=True,
+                          text=True, cwd=ROOT, **kwargs)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_and_exits_cleanly(sample_dir, tmp_path, sig):
+    run = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "gpt_train.py"), "--data", sample_dir,
+                                "--out-dir", str(run), *FAST, "--max-steps", "100000", "--eval-interval", "100000"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    time.sleep(0.5)
+    process.send_signal(sig)
+    time.sleep(0.01)
+    process.send_signal(sig)  # a second signal must not cut the save short
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    assert f"stopped by {sig.name}" in output
+    checkpoints = [p for p in os.listdir(run) if p.startswith("ckpt")]
+    assert len(checkpoints) == 1 and not [p for p in os.listdir(run) if p.startswith(".tmp")]
+    step = int(checkpoints[0].split("_")[1])
+    assert step == len([r for r in metrics(run) if "loss" in r]) > 0
+    GPT.from_pretrained(str(run / checkpoints[0]))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "gpt5"], "unknown --preset"),
+    (["--data", "/nonexistent"], "does not exist"),
+    (["--max-steps", "0"], "--max-steps must be at least 1"),
+    (["--max-steps", "ten"], "invalid int value"),
+    (["--dtype", "float8"], "--dtype must be"),
+    (["--dtype", "float16", "--device", "cpu"], "needs a CUDA GPU"),
+    (["--device", "tpu"], "unknown device"),
+    (["--device", "cuda:7"], "cuda"),
+    (["--n-embd", "30", "--n-head", "4"], "divisible"),
+    (["--tokens-per-step", "1000"], "must be a multiple"),
+    (["--resume"], "holds no complete checkpoint"),
+    (["--learning-rate", "1"], "unrecognized arguments"),
+])
+def test_bad_input_gets_one_clear_line(sample_dir, tmp_path, args, message):
+    result = run_train_script(["--data", sample_dir, "--out-dir", str(tmp_path / "run"), *FAST, *args])
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert message in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_finished_run_is_not_overwritten(sample_dir, tmp_path):
+    run = tmp_path / "run"
+    train(sample_dir, run, "--max-steps", "2")
+    before = weights(run / "ckpt_0000002")
+    with pytest.raises(UsageError, match="already holds checkpoints"):
+        train(sample_dir, run, "--max-steps", "2")
+    after = weights(run / "ckpt_0000002")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_help_lists_the_knobs():
+    result = run_train_script(["--help"])
+    assert result.returncode == 0
+    for flag in ("--preset", "--n-layer", "--tokens-per-step", "--min-lr", "--compile", "--no-compile",
+                 "--resume", "--init-from", "--keep-last", "--dtype", "--device"):
+        assert flag in result.stdout
+
+
+def test_two_processes_match_one_with_the_same_global_batch(sample_dir, tmp_path):
+    """torchrun with 2 CPU processes (gloo) against 1 process accumulating 2 micro-batches."""
+    common = ["--data", sample_dir, *FAST, "--max-steps", "6", "--eval-interval", "3", "--dtype", "float32",
+              "--tokens-per-step", str(2 * 4 * 32)]
+    single = run_train_script(common + ["--out-dir", str(tmp_path / "one")])
+    assert single.returncode == 0, single.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             os.path.join(ROOT, "gpt_train.py"), *common, "--out-dir", str(tmp_path / "two")],
+                            capture_output=True, text=True, cwd=ROOT, env=env)
+    assert double.returncode == 0, double.stderr[-3000:]
+    one = [r for r in metrics(tmp_path / "one") if "loss" in r]
+    two = [r for r in metrics(tmp_path / "two") if "loss" in r]
+    assert len(one) == len(two) == 6
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    wa, wb = weights(tmp_path / "one" / "ckpt_0000006"), weights(tmp_path / "two" / "ckpt_0000006")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
