@@ -275,8 +275,9 @@ def plot_metrics(metrics_path, png_path):
     """Four panels: train and validation loss, learning rate, tokens/s and memory, against the step."""
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only: no display needed on servers
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
     train = [r for r in rows if "loss" in r]
@@ -289,6 +290,8 @@ def plot_metrics(metrics_path, png_path):
     if val:
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
     ax.set(title="Loss", xlabel="step", ylabel="cross-entropy (nats/token, log scale)", yscale="log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
     ax.legend()
     panels = [(axes[0, 1], "lr", "Learning rate", "learning rate"),
               (axes[1, 0], "tokens_per_s", "Throughput", "tokens / s"),

@@ -1,0 +1,166 @@
+"""infer.py: parity with transformers, checkpoint discovery, streaming, safety and bad input."""
+
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import infer
+from conftest import ROOT
+from gpt_dataset import UsageError, gpt2_tokenizer
+from transformer import GPT, CheckpointError, GPTConfig
+
+
+def save_tiny(directory, seed=0, block_size=64):
+    torch.manual_seed(seed)
+    GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size)).save_pretrained(directory)
+    return str(directory)
+
+
+def run_infer(args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT)
+
+
+def test_greedy_output_equals_transformers_generate(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=128)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    hf.save_pretrained(tmp_path)
+    prompt = gpt2_tokenizer().encode_ordinary("The river Thames flows through London")
+    idx = torch.tensor([prompt])
+    expected = hf.generate(idx, max_new_tokens=40, min_new_tokens=40, do_sample=False,
+                           attention_mask=torch.ones_like(idx), pad_token_id=50256)[0, len(prompt):].tolist()
+    model = infer.load_model(str(tmp_path), torch.device("cpu"))
+    text = infer.generate_text(model, prompt, max_new_tokens=40, temperature=0, stop_at_eot=False)
+    assert text == gpt2_tokenizer().decode(expected)
+
+
+def test_cache_and_no_cache_give_the_same_text(tmp_path):
+    model = infer.load_model(save_tiny(tmp_path, block_size=32), torch.device("cpu"))
+    prompt = gpt2_tokenizer().encode_ordinary("Paris is the capital")
+    kwargs = dict(max_new_tokens=20, temperature=0.9, top_k=50, seed=3, stop_at_eot=False)
+    assert infer.generate_text(model, prompt, **kwargs) == infer.generate_text(model, prompt, use_cache=False, **kwargs)
+
+
+def test_streamed_pieces_join_to_the_returned_text(tmp_path):
+    model = infer.load_model(save_tiny(tmp_path), torch.device("cpu"))
+    pieces = []
+    text = infer.generate_text(model, [50256], max_new_tokens=30, temperature=1.0, seed=1, stop_at_eot=False,
+                               on_text=pieces.append)
+    assert len(pieces) > 1 and "".join(pieces) == text
+
+
+def test_same_seed_same_text_and_cli_is_reproducible(tmp_path):
+    path = save_tiny(tmp_path)
+    args = ["--checkpoint", path, "--input", "Hello", "--max-new-tokens", "12", "--no-stop-at-eot"]
+    first, second, other = run_infer(args), run_infer(args), run_infer(args + ["--seed", "2"])
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout != other.stdout
+    assert first.stdout.startswith("Hello")
+
+
+def test_empty_prompt_starts_a_new_document_and_long_prompts_keep_their_end():
+    assert infer.encode_prompt("", 64) == ([50256], 0)
+    ids = gpt2_tokenizer().encode_ordinary("word " * 100)
+    kept, cut = infer.encode_prompt("word " * 100, 64)
+    assert kept == ids[-32:] and cut == len(ids) - 32
+
+
+def test_long_prompt_is_cut_with_a_note(tmp_path):
+    result = run_infer(["--checkpoint", save_tiny(tmp_path), "--input", "word " * 100, "--max-new-tokens", "4"])
+    assert result.returncode == 0, result.stderr
+    assert "longer than the model's context of 64 tokens" in result.stderr
+
+
+def test_run_directory_picks_the_best_checkpoint_and_default_picks_the_newest_run(tmp_path):
+    runs = tmp_path / "runs"
+    for name, loss in (("ckpt_0000010", 3.0), ("ckpt_0000020", 2.5), ("ckpt_0000030", 2.7)):
+        save_tiny(runs / "old" / name)
+        (runs / "old" / name / "trainer_state.json").write_text(f'{{"val_loss": {loss}}}')
+    os.makedirs(runs / "old" / ".tmp_ckpt_0000040")  # a partial write is never chosen
+    assert infer.best_checkpoint(str(runs / "old")).endswith("ckpt_0000020")
+    save_tiny(runs / "new" / "ckpt_0000005")
+    path, note = infer.resolve_checkpoint(None, str(runs))
+    assert path.endswith(os.path.join("new", "ckpt_0000005")) and "newest run" in note
+    with pytest.raises(UsageError, match="no trained checkpoints"):
+        infer.resolve_checkpoint(None, str(tmp_path / "empty"))
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_malicious_pickle_is_never_run(tmp_path):
+    path = save_tiny(tmp_path / "ckpt")
+    marker = tmp_path / "pwned"
+    with open(os.path.join(path, "pytorch_model.bin"), "wb") as f:
+        pickle.dump(Exploit(), f)
+    os.remove(os.path.join(path, "model.safetensors"))
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), "--checkpoint", path, "--input", "x"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode != 0 and "no model.safetensors" in result.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:5000]), "damaged"),
+    (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
+    (lambda d: (d / "config.json").write_text((d / "config.json").read_text().replace('"n_layer": 2', '"n_layer": 3')),
+     "does not match"),
+    (lambda d: (d / "config.json").write_text((d / "config.json").read_text().replace('"n_embd": 32', '"n_embd": 48')),
+     "shape"),
+    (lambda d: os.remove(d / "config.json"), "config.json not found"),
+])
+def test_damaged_checkpoints_are_refused(tmp_path, damage, message):
+    path = save_tiny(tmp_path / "ckpt")
+    damage(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match=message):
+        infer.load_model(path, torch.device("cpu"))
+    result = run_infer(["--checkpoint", path, "--input", "x"])
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = save_tiny(tmp_path / "ckpt")
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    tensors["transformer.h.0.mlp.c_fc.weight"][0, 0] = float("nan")
+    save_file(tensors, os.path.join(path, "model.safetensors"))
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        infer.load_model(path, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--top-k", "0"], "--top-k must be at least 1"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--device", "quantum"], "unknown device"),
+    (["--checkpoint", "/nonexistent/dir"], "not a model directory"),
+    (["--seed", "x"], "invalid int value"),
+])
+def test_bad_input_gets_one_clear_line(tmp_path, args, message):
+    base = ["--checkpoint", save_tiny(tmp_path), "--input", "x"]
+    result = run_infer(base + args)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert message in result.stderr.strip().splitlines()[-1]
+
+
+def test_trained_checkpoint_prints_a_continuation(sample_dir, tmp_path):
+    import gpt_train
+
+    run = tmp_path / "run"
+    gpt_train.main(["--data", sample_dir, "--out-dir", str(run), "--preset", "tiny", "--block-size", "32",
+                    "--batch-size", "4", "--max-steps", "3", "--sample-tokens", "0", "--eval-steps", "1"])
+    result = run_infer(["--checkpoint", str(run), "--input", "The city", "--max-new-tokens", "10",
+                        "--num-samples", "2"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("--- sample") == 2 and result.stdout.count("The city") == 2
+    assert "ckpt_0000003" in result.stderr
