@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from transformer import (GPT, CheckpointError, GPTConfig, KVCache, config_from_preset, keep_top_k, keep_top_p,
-                         sample_next_token)
+from transformer import (GPT, CheckpointError, ChunkedCrossEntropy, GPTConfig, KVCache, config_from_preset,
+                         keep_top_k, keep_top_p, sample_next_token)
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32)
 
@@ -60,6 +60,26 @@ def test_kv_cache_decoding_equals_full_recompute(attention):
     for t in range(15, 24):
         pieces.append(model(idx[:, t : t + 1], cache=cache)[0])
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_equals_pytorchs(dtype):
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(100, 1000)).to(dtype)
+    logits[:, 990:] = float("-inf")  # padding columns, as the model produces them
+    targets = torch.randint(0, 990, (100,))
+    targets[::7] = -1  # ignored positions
+    ours_in = logits.clone().requires_grad_()
+    ref_in = logits.float().clone().requires_grad_()
+    ours = ChunkedCrossEntropy.apply(ours_in, targets)
+    ref = torch.nn.functional.cross_entropy(ref_in, targets, ignore_index=-1)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    (2 * ours).backward()
+    (2 * ref).backward()
+    assert ours_in.grad.dtype == dtype
+    tolerance = 1e-7 if dtype == torch.float32 else 4e-3 * ref_in.grad.abs().max().item()
+    torch.testing.assert_close(ours_in.grad.float(), ref_in.grad, rtol=0, atol=tolerance)
+    assert torch.all(ours_in.grad[::7] == 0)
 
 
 def test_context_overflow_is_refused():
