@@ -1,0 +1,96 @@
+"""Tokens per second of the real training step: forward, backward, gradient clipping and AdamW.
+
+    python bench/bench_train_step.py                         # CPU table: small and gpt2 presets
+    python bench/bench_train_step.py --device cuda --preset gpt2 --batch-size 16 --block-size 1024 \\
+        --dtypes bfloat16 --compile-modes compiled           # one GPU, with MFU
+
+Each row builds the model of transformer.py, runs --warmup steps (compilation happens there), then
+times --steps steps with the device synchronised before each clock read. MFU is the achieved
+FLOP/s (6N + 12LTC per token, transformer.GPT.flops_per_token) over the GPU's bf16 peak.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from gpt_train import peak_flops  # noqa: E402
+from infer import pick_device  # noqa: E402
+from transformer import GPT, config_from_preset  # noqa: E402
+
+CPU_CASES = [("small", 8, 256), ("gpt2", 1, 1024)]  # the sizes of the nanoGPT figures in docs/benchmarks.md
+
+
+def time_steps(preset, batch_size, block_size, dtype, compiled, device, warmup, steps):
+    """(tokens/s, MFU or None, peak memory GiB or None) of the training step."""
+    torch.manual_seed(0)
+    model = GPT(config_from_preset(preset, block_size=block_size)).to(device)
+    optimizer = model.make_optimizer(lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), device_type=device.type)
+    step_model = torch.compile(model) if compiled else model
+    x = torch.randint(0, 50257, (batch_size, block_size), device=device)
+    y = torch.randint(0, 50257, (batch_size, block_size), device=device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def step():
+        with autocast:
+            _, loss = step_model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    tokens_per_s = batch_size * block_size * steps / (time.perf_counter() - started)
+    peak = peak_flops(device)
+    mfu = model.flops_per_token(block_size) * tokens_per_s / peak if peak else None
+    memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return tokens_per_s, mfu, memory
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
+    parser.add_argument("--preset", help="one preset instead of the CPU table's cases")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--block-size", type=int, default=1024)
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
+    parser.add_argument("--compile-modes", default="eager,compiled", help="comma-separated: eager, compiled")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps")
+    args = parser.parse_args()
+
+    device = pick_device(args.device)
+    cases = [(args.preset, args.batch_size, args.block_size)] if args.preset else CPU_CASES
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
+    print(f"device: {name}, torch {torch.__version__}")
+    print("| preset | batch x block | dtype | mode | tokens/s | MFU | peak memory |")
+    print("|---|---|---|---|---|---|---|")
+    for preset, batch_size, block_size in cases:
+        for dtype_name in args.dtypes.split(","):
+            for mode in args.compile_modes.split(","):
+                dtype = getattr(torch, dtype_name)
+                tokens_per_s, mfu, memory = time_steps(preset, batch_size, block_size, dtype, mode == "compiled",
+                                                       device, args.warmup, args.steps)
+                print(f"| {preset} | {batch_size} x {block_size} | {dtype_name} | {mode} | {tokens_per_s:,.0f} | "
+                      f"{f'{mfu:.1%}' if mfu is not None else '-'} | "
+                      f"{f'{memory:.1f} GiB' if memory is not None else '-'} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
