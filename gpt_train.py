@@ -1,6 +1,6 @@
 """Trains the GPT-2 of transformer.py on the token shards of gpt_dataset.py.
 
-    python gpt_train.py --data data/sample_en --preset mini --max-steps 600     # CPU, minutes
+    python gpt_train.py                                                         # the CPU quickstart, ~11 min
     python gpt_train.py --data data/wikipedia_en_20231101 --preset gpt2         # one GPU
     torchrun --nproc_per_node=8 gpt_train.py --data ... --preset gpt2           # eight GPUs
     python gpt_train.py ... --resume                                            # continue a run
@@ -48,17 +48,17 @@ class TrainConfig:
     block_size: int | None = None  # override the preset's context length (tokens)
     dropout: float | None = None  # override the preset's dropout (0 for pretraining)
     init_from: str | None = None  # start from a Hugging Face GPT-2 directory or hub name instead of random weights
-    max_steps: int = 600  # optimizer steps in the whole run
-    batch_size: int = 16  # sequences per micro-batch per process
+    max_steps: int = 560  # optimizer steps in the whole run
+    batch_size: int = 8  # sequences per micro-batch per process
     tokens_per_step: int | None = None  # tokens per optimizer step over all processes; sets accumulation
-    lr: float = 1e-3  # peak learning rate, reached after warmup
+    lr: float = 2e-3  # peak learning rate, reached after warmup
     min_lr: float | None = None  # final learning rate of the cosine decay; default lr / 10
-    warmup_steps: int = 50  # linear warmup from lr / warmup_steps to lr
+    warmup_steps: int = 30  # linear warmup from lr / warmup_steps to lr
     weight_decay: float = 0.1  # AdamW decay on matrices
     beta1: float = 0.9  # AdamW momentum
     beta2: float = 0.95  # AdamW second-moment decay; 0.95 is steadier than 0.999 for LMs
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables
-    eval_interval: int = 100  # steps between validation runs (and text samples)
+    eval_interval: int = 140  # steps between validation runs (and text samples)
     eval_steps: int = 20  # validation batches per evaluation (fixed batches, the same every time)
     ckpt_interval: int = 200  # steps between checkpoints; the last step always gets one
     keep_last: int = 2  # newest checkpoints kept, besides the best by validation loss

@@ -1,0 +1,79 @@
+"""Generated tokens per second at batch 1: infer.py with and without the KV cache, and transformers.
+
+    python bench/bench_infer.py [--new-tokens 256] [--presets small,gpt2] [--device cpu]
+
+Each preset gets random weights (speed does not depend on their values), saved once in the Hugging
+Face layout, then loaded by infer.load_model and by transformers.GPT2LMHeadModel, so that all rows
+run the same weights in float32. Greedy decoding with no early stop, so every row generates exactly
+--new-tokens tokens after the same 8-token prompt; the best of --trials runs counts.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from infer import generate_text, load_model, pick_device  # noqa: E402
+from transformer import GPT, config_from_preset  # noqa: E402
+
+
+def best_rate(generate, new_tokens, trials, device):
+    rates = []
+    for _ in range(trials):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        generate()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rates.append(new_tokens / (time.perf_counter() - started))
+    return max(rates)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--presets", default="small,gpt2")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--trials", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    import transformers
+
+    device = pick_device(args.device)
+    prompt = [464, 2106, 286, 6342, 318, 257, 1621, 286]  # "The history of Paris is a story of"
+    print(f"device: {device}, {os.cpu_count()} CPU cores, torch {torch.__version__}, transformers "
+          f"{transformers.__version__}; {args.new_tokens} new tokens, batch 1, float32, greedy")
+    print("| preset | implementation | tokens/s | vs. no cache |")
+    print("|---|---|---|---|")
+    for preset in args.presets.split(","):
+        with tempfile.TemporaryDirectory() as directory:
+            torch.manual_seed(0)
+            GPT(config_from_preset(preset)).save_pretrained(directory)
+            ours = load_model(directory, device)
+            hf = transformers.GPT2LMHeadModel.from_pretrained(directory).to(device).eval()
+        rows = {}
+        for use_cache in (False, True):
+            rows[f"infer.py, {'KV cache' if use_cache else 'no cache'}"] = best_rate(
+                lambda: generate_text(ours, prompt, max_new_tokens=args.new_tokens, temperature=0,
+                                      stop_at_eot=False, use_cache=use_cache),
+                args.new_tokens, args.trials, device)
+        idx = torch.tensor([prompt], device=device)
+
+        @torch.no_grad()
+        def hf_generate():
+            hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=args.new_tokens,
+                        min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=50256)
+
+        rows["transformers generate (KV cache)"] = best_rate(hf_generate, args.new_tokens, args.trials, device)
+        baseline = rows["infer.py, no cache"]
+        for name, rate in rows.items():
+            print(f"| {preset} | {name} | {rate:,.1f} | {rate / baseline:.1f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
