@@ -4,7 +4,7 @@
 
 Each preset gets random weights (speed does not depend on their values), saved once in the Hugging
 Face layout, then loaded by infer.load_model and by transformers.GPT2LMHeadModel, so that all rows
-run the same weights in float32. Greedy decoding with no early stop, so every row generates exactly
+run the same weights, in float32 and in bfloat16. Greedy decoding with no early stop, so every row generates exactly
 --new-tokens tokens after the same 8-token prompt; the best of --trials runs counts.
 """
 
@@ -44,35 +44,44 @@ def main():
     args = parser.parse_args()
     import transformers
 
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
     device = pick_device(args.device)
     prompt = [464, 2106, 286, 6342, 318, 257, 1621, 286]  # "The history of Paris is a story of"
     print(f"device: {device}, {os.cpu_count()} CPU cores, torch {torch.__version__}, transformers "
-          f"{transformers.__version__}; {args.new_tokens} new tokens, batch 1, float32, greedy")
-    print("| preset | implementation | tokens/s | vs. no cache |")
-    print("|---|---|---|---|")
+          f"{transformers.__version__}; {args.new_tokens} new tokens, batch 1, greedy")
+    print("| preset | weights | implementation | tokens/s | vs. float32 no cache |")
+    print("|---|---|---|---|---|")
     for preset in args.presets.split(","):
         with tempfile.TemporaryDirectory() as directory:
             torch.manual_seed(0)
-            GPT(config_from_preset(preset)).save_pretrained(directory)
+            # A 1024-token context for every preset, so that prompt plus new tokens fit without sliding.
+            GPT(config_from_preset(preset, block_size=1024)).save_pretrained(directory)
             ours = load_model(directory, device)
             hf = transformers.GPT2LMHeadModel.from_pretrained(directory).to(device).eval()
-        rows = {}
-        for use_cache in (False, True):
-            rows[f"infer.py, {'KV cache' if use_cache else 'no cache'}"] = best_rate(
-                lambda: generate_text(ours, prompt, max_new_tokens=args.new_tokens, temperature=0,
-                                      stop_at_eot=False, use_cache=use_cache),
-                args.new_tokens, args.trials, device)
         idx = torch.tensor([prompt], device=device)
+        baseline = None
+        for dtype in (torch.float32, torch.bfloat16):
+            ours, hf = ours.to(dtype), hf.to(dtype)
+            rows = {}
+            for use_cache in (False, True):
+                if dtype == torch.bfloat16 and not use_cache:
+                    continue  # the no-cache baseline is measured once, in float32
+                rows[f"infer.py, {'KV cache' if use_cache else 'no cache'}"] = best_rate(
+                    lambda: generate_text(ours, prompt, max_new_tokens=args.new_tokens, temperature=0,
+                                          stop_at_eot=False, use_cache=use_cache),
+                    args.new_tokens, args.trials, device)
 
-        @torch.no_grad()
-        def hf_generate():
-            hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=args.new_tokens,
-                        min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=50256)
+            @torch.no_grad()
+            def hf_generate():
+                hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=args.new_tokens,
+                            min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=50256)
 
-        rows["transformers generate (KV cache)"] = best_rate(hf_generate, args.new_tokens, args.trials, device)
-        baseline = rows["infer.py, no cache"]
-        for name, rate in rows.items():
-            print(f"| {preset} | {name} | {rate:,.1f} | {rate / baseline:.1f}x |", flush=True)
+            rows["transformers generate (KV cache)"] = best_rate(hf_generate, args.new_tokens, args.trials, device)
+            baseline = baseline or rows["infer.py, no cache"]
+            for name, rate in rows.items():
+                print(f"| {preset} | {str(dtype)[6:]} | {name} | {rate:,.1f} | {rate / baseline:.1f}x |", flush=True)
 
 
 if __name__ == "__main__":
