@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import types
 import unicodedata
 import zipfile
@@ -691,7 +692,7 @@ def main(argv=None):
             state = previous
             print(f"continuing an interrupted run: {state['articles_read']:,} articles were already read")
 
-    for stale in glob.glob(os.path.join(out, "*.tmp-*")):
+    for stale in glob.glob(os.path.join(out, "*.tmp-*")) + glob.glob(os.path.join(out, ".*.tmp-*")):
         os.remove(stale)  # half-written files of a killed run; everything they held is written again
     encoder = gpt2_tokenizer()
     writers = {split: ShardWriter(out, split, config.shard_tokens, state["splits"].get(split, {}))
@@ -705,25 +706,28 @@ def main(argv=None):
 
     articles, total = raw_articles(config)
     tasks = batched_tasks(itertools.islice(articles, articles_read, None), config.batch_chars)
-    bar = tqdm(total=total, unit=" articles", initial=articles_read, dynamic_ncols=True, smoothing=0.1)
+    started, tokens_at_start = time.monotonic(), sum(w.tokens for w in writers.values())
     done = False
-    for is_val, sizes, lengths, tokens in tokenized_batches(tasks, config):
-        offset = 0
-        for val, size, length in zip(is_val, sizes, lengths):
-            articles_read += 1
-            if length == 0:
-                continue
-            if writers["val" if val else "train"].add(size, tokens[offset : offset + length]):
-                save_progress()  # a shard was written: a restart may begin after this article
-            offset += length
-            if config.max_tokens and sum(w.tokens for w in writers.values()) >= config.max_tokens:
-                done = True
+    # tqdm shows articles/s and, where the total is known, the ETA; the postfix adds tokens and tokens/s.
+    with tqdm(total=total, unit=" articles", initial=articles_read, dynamic_ncols=True, smoothing=0.1) as bar:
+        for is_val, sizes, lengths, tokens in tokenized_batches(tasks, config):
+            offset = 0
+            for val, size, length in zip(is_val, sizes, lengths):
+                articles_read += 1
+                if length == 0:
+                    continue
+                if writers["val" if val else "train"].add(size, tokens[offset : offset + length]):
+                    save_progress()  # a shard was written: a restart may begin after this article
+                offset += length
+                if config.max_tokens and sum(w.tokens for w in writers.values()) >= config.max_tokens:
+                    done = True
+                    break
+            written = sum(w.tokens for w in writers.values())
+            rate = (written - tokens_at_start) / max(time.monotonic() - started, 1e-9)
+            bar.set_postfix_str(f"{written:,} tokens, {rate:,.0f} tokens/s", refresh=False)
+            bar.update(len(lengths))
+            if done:
                 break
-        bar.update(len(lengths))
-        bar.set_postfix(tokens=f"{sum(w.tokens for w in writers.values()):,}", refresh=False)
-        if done:
-            break
-    bar.close()
 
     for writer in writers.values():
         writer.flush()

@@ -462,8 +462,9 @@ def main(argv=None):
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "train_config.json"), "w") as f:
             json.dump({"train": asdict(config), "model": asdict(model_config)}, f, indent=2)
-        if checkpoint and os.path.exists(metrics_path):  # drop what the interrupted run logged after it
-            rows = [line for line in open(metrics_path) if line.strip() and json.loads(line)["step"] <= start_step]
+        if os.path.exists(metrics_path):  # keep only what led to the checkpoint this run starts from
+            rows = [line for line in open(metrics_path) if checkpoint and line.strip()
+                    and json.loads(line)["step"] <= start_step]
             with open(metrics_path, "w") as f:
                 f.writelines(rows)
     if use_compile:
