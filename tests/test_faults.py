@@ -49,7 +49,7 @@ def wait_for_progress(path, process, since, timeout=60):
 
 def test_training_killed_20_times_resumes_to_bit_identical_weights(sample_dir, tmp_path):
     """kill -9 at random moments, checkpoints written every step (so many kills land inside a write)."""
-    args = ["--max-steps", "60", "--ckpt-interval", "1", "--eval-interval", "10", "--keep-last", "2"]
+    args = ["--max-steps", "200", "--ckpt-interval", "1", "--eval-interval", "10", "--keep-last", "2"]
     reference = tmp_path / "reference"
     assert subprocess.run(train_command(sample_dir, reference, *args), capture_output=True).returncode == 0
 
@@ -62,9 +62,9 @@ def test_training_killed_20_times_resumes_to_bit_identical_weights(sample_dir, t
         process = subprocess.Popen(train_command(sample_dir, run, *args, *resume),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_progress(run / "metrics.jsonl", process, started)
-        time.sleep(rng.uniform(0.0, 1.5))
+        time.sleep(rng.uniform(0.0, 0.8))
         if process.poll() is not None:
-            break  # finished before the kill: it cannot be killed any more
+            break  # finished before the kill (then the assertion below fails)
         process.kill()
         process.wait()
         kills += 1
@@ -75,7 +75,7 @@ def test_training_killed_20_times_resumes_to_bit_identical_weights(sample_dir, t
         for name in os.listdir(run):  # a partial write never carries a checkpoint's name
             if name.startswith("ckpt_"):
                 assert os.path.isfile(run / name / "trainer_state.json"), name
-    assert kills >= 15
+    assert kills == 20
     result = subprocess.run(train_command(sample_dir, run, *args, "--resume"), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     expected, got = final_weights(reference), final_weights(run)
