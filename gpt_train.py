@@ -14,7 +14,11 @@ A run directory (--out-dir) holds train_config.json, metrics.jsonl, plots.png an
 plus everything needed to continue bit for bit: optimizer moments, step, data position and every
 RNG state, in safetensors and JSON (no pickle). Checkpoints are written under a temporary name and
 renamed when complete, so a crash never leaves a half checkpoint that looks whole. SIGTERM or
-Ctrl-C saves one at the next step boundary and exits. Measured speeds are in docs/benchmarks.md.
+Ctrl-C saves one at the next step boundary and exits.
+
+What to expect: the defaults (the `mini` preset on the English sample, 560 steps of 2,048 tokens)
+take about 11 minutes on 2 cores of an AVX512-BF16 CPU and reach a validation loss of about 5.9.
+Measured speeds of the training step are in docs/benchmarks.md.
 """
 
 import json

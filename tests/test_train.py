@@ -130,8 +130,8 @@ def test_resume_test_notices_a_state_left_unrestored(sample_dir, reference_run, 
     assert [r["loss"] for r in metrics(run) if "loss" in r] != expected
 
 
-def test_non_finite_losses_skip_updates_then_stop_with_checkpoint_intact(sample_dir, tmp_path, monkeypatch):
-    run = tmp_path / "run"
+def poison_training_losses(monkeypatch, poisoned_steps, value):
+    """Makes the training loss of the given (1-based) steps `value` (NaN or inf); one micro-batch per step."""
     original = GPT.forward
     calls = {"n": 0}
 
@@ -139,11 +139,16 @@ def test_non_finite_losses_skip_updates_then_stop_with_checkpoint_intact(sample_
         logits, loss = original(self, idx, targets, cache)
         if targets is not None and self.training:
             calls["n"] += 1
-            if calls["n"] > 3:  # training steps 4, 5, 6, ... produce NaN
-                loss = loss * float("nan")
+            if calls["n"] in poisoned_steps:
+                loss = loss * value
         return logits, loss
 
     monkeypatch.setattr(GPT, "forward", poisoned)
+
+
+def test_non_finite_losses_skip_updates_then_stop_with_checkpoint_intact(sample_dir, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    poison_training_losses(monkeypatch, range(4, 100), float("nan"))
     with pytest.raises(UsageError, match="3 non-finite steps in a row"):
         train(sample_dir, run, "--max-steps", "20", "--ckpt-interval", "3", "--eval-interval", "3",
               "--max-bad-steps", "3")
@@ -155,18 +160,7 @@ def test_non_finite_losses_skip_updates_then_stop_with_checkpoint_intact(sample_
 
 def test_skipped_update_leaves_weights_unchanged(sample_dir, tmp_path, monkeypatch):
     """Step 3 sees an infinite loss: the weights saved after it equal those saved after step 2."""
-    original = GPT.forward
-    calls = {"n": 0}
-
-    def poisoned(self, idx, targets=None, cache=None):
-        logits, loss = original(self, idx, targets, cache)
-        if targets is not None and self.training:
-            calls["n"] += 1
-            if calls["n"] == 3:
-                loss = loss * float("inf")
-        return logits, loss
-
-    monkeypatch.setattr(GPT, "forward", poisoned)
+    poison_training_losses(monkeypatch, {3}, float("inf"))
     run = tmp_path / "run"
     train(sample_dir, run, "--max-steps", "3", "--ckpt-interval", "1", "--eval-interval", "10", "--keep-last", "5")
     after_2, after_3 = weights(run / "ckpt_0000002"), weights(run / "ckpt_0000003")
