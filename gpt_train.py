@@ -414,6 +414,11 @@ def main(argv=None):
         logger.add(sys.stderr, format="{time:HH:mm:ss} | {message}", level="INFO")
     run_dir = config.out_dir
 
+    # Shards are checked first (headers and sizes; sha256 with --verify-data), so bad data fails fast.
+    train_shards = open_split(config.data, "train", verify=config.verify_data)
+    val_shards = open_split(config.data, "val", verify=config.verify_data)
+    bytes_per_token = val_bytes_per_token(config.data)
+
     # ---- Model, optimizer, and the checkpoint to continue from ----
     checkpoint = None
     if config.resume:
@@ -443,12 +448,9 @@ def main(argv=None):
 
     # ---- Data ----
     T, B = model_config.block_size, config.batch_size
-    train_windows = TokenWindows(open_split(config.data, "train", verify=config.verify_data), T, B,
-                                 seed=config.seed, rank=rank, world_size=world_size)
-    val_windows = TokenWindows(open_split(config.data, "val", verify=config.verify_data), T, B,
-                               seed=config.seed, rank=rank, world_size=world_size, shuffle=False)
+    train_windows = TokenWindows(train_shards, T, B, seed=config.seed, rank=rank, world_size=world_size)
+    val_windows = TokenWindows(val_shards, T, B, seed=config.seed, rank=rank, world_size=world_size, shuffle=False)
     eval_steps = min(config.eval_steps, val_windows.blocks_per_epoch // world_size)
-    bytes_per_token = val_bytes_per_token(config.data)
 
     start_step, best_val, metrics_path = 0, None, os.path.join(run_dir, "metrics.jsonl")
     if checkpoint:
