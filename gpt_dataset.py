@@ -675,13 +675,15 @@ def main(argv=None):
 
     out = config.out
     manifest_path, progress_path = os.path.join(out, "manifest.json"), os.path.join(out, "progress.json")
-    os.makedirs(out, exist_ok=True)
     fingerprint = run_fingerprint(config)
     state = {"settings": fingerprint, "articles_read": 0, "splits": {}}
     for path in (manifest_path, progress_path):
         if os.path.isfile(path):
-            with open(path) as f:
-                previous = json.load(f)
+            try:
+                with open(path) as f:
+                    previous = json.load(f)
+            except (OSError, ValueError) as e:
+                raise DataError(f"{path} is damaged ({type(e).__name__}); delete {out} and run again") from e
             if previous.get("settings") != fingerprint:
                 raise UsageError(f"{out} holds a dataset made with other settings ({previous.get('settings')}); "
                                  "choose another --out or delete that directory")
@@ -692,6 +694,8 @@ def main(argv=None):
             state = previous
             print(f"continuing an interrupted run: {state['articles_read']:,} articles were already read")
 
+    articles, total = raw_articles(config)  # reach the source before anything is written
+    os.makedirs(out, exist_ok=True)
     for stale in glob.glob(os.path.join(out, "*.tmp-*")) + glob.glob(os.path.join(out, ".*.tmp-*")):
         os.remove(stale)  # half-written files of a killed run; everything they held is written again
     encoder = gpt2_tokenizer()
@@ -704,7 +708,6 @@ def main(argv=None):
         atomic_write_json(progress_path, {"settings": fingerprint, "articles_read": articles_read, "splits": splits})
         remove_pending_files(out, keep={s["pending"] for s in splits.values()})
 
-    articles, total = raw_articles(config)
     tasks = batched_tasks(itertools.islice(articles, articles_read, None), config.batch_chars)
     started, tokens_at_start = time.monotonic(), sum(w.tokens for w in writers.values())
     done = False

@@ -141,6 +141,7 @@ def test_hub_source_offline_gives_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(gpt_dataset.socket, "create_connection", no_network)
     with pytest.raises(UsageError, match="--source sample"):
         gpt_dataset.main(["--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()  # nothing is written before the source is reached
 
 
 def write_damaged(tmp_path, sample_dir, damage):
