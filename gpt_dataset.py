@@ -594,10 +594,10 @@ class ShardWriter:
         self.chars, self.bytes = self.chars + size[0], self.bytes + size[1]
         wrote = False
         while len(tokens):
-            room = self.shard_tokens - self.filled
-            self.buffer[self.filled : self.filled + min(room, len(tokens))] = tokens[:room]
-            self.filled += min(room, len(tokens))
-            tokens = tokens[room:]
+            take = min(self.shard_tokens - self.filled, len(tokens))
+            self.buffer[self.filled : self.filled + take] = tokens[:take]
+            self.filled += take
+            tokens = tokens[take:]
             if self.filled == self.shard_tokens:
                 self.flush()
                 wrote = True

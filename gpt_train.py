@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from gpt_dataset import DataError, UsageError, load_manifest, open_split, parse_config, run_cli
-from infer import checkpoints_in, cpu_has_fast_bf16, encode_prompt, generate_text, pick_device
+from infer import best_checkpoint, checkpoints_in, cpu_has_fast_bf16, encode_prompt, generate_text, pick_device
 from transformer import GPT, PRESETS, CheckpointError, config_from_preset
 
 
@@ -220,8 +220,6 @@ def save_checkpoint(run_dir, step, raw_model, optimizer, scaler, train_windows, 
 
 def prune_checkpoints(run_dir, keep_last):
     """Deletes all but the newest `keep_last` checkpoints and the best by validation loss."""
-    from infer import best_checkpoint
-
     checkpoints = checkpoints_in(run_dir)
     keep = set(checkpoints[-keep_last:]) if keep_last > 0 else set()
     keep.add(best_checkpoint(run_dir))
@@ -576,8 +574,8 @@ def main(argv=None):
             if distributed:
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
             scaler.unscale_(optimizer)
-            parameters = raw_model.parameters()
-            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip if config.grad_clip > 0 else float("inf"))
+            max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")  # inf: measure, never clip
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
             lr = lr_at(step, max_lr=config.lr, min_lr=config.min_lr, warmup_steps=config.warmup_steps,
                        max_steps=config.max_steps)
             for group in optimizer.param_groups:

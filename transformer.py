@@ -153,9 +153,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, targets):
         valid = targets >= 0
         safe_targets = targets.clamp(min=0)
-        lse = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)
+        lse = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)  # log-sum-exp per row
         for i in range(0, logits.size(0), ChunkedCrossEntropy.ROWS):
-            lse[i : i + ChunkedCrossEntropy.ROWS] = torch.logsumexp(logits[i : i + ChunkedCrossEntropy.ROWS].float(), dim=-1)
+            rows = slice(i, i + ChunkedCrossEntropy.ROWS)
+            lse[rows] = torch.logsumexp(logits[rows].float(), dim=-1)
         target_logits = logits.gather(1, safe_targets[:, None]).squeeze(1).float()
         count = valid.sum()
         ctx.save_for_backward(logits, safe_targets, valid, lse, count)
