@@ -21,6 +21,8 @@ take about 11 minutes on 2 cores of an AVX512-BF16 CPU and reach a validation lo
 Measured speeds of the training step are in docs/benchmarks.md.
 """
 
+import ctypes
+import ctypes.util
 import json
 import math
 import os
@@ -383,6 +385,25 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+def reuse_freed_memory():
+    """Makes glibc's malloc keep large freed blocks for reuse instead of returning them to the kernel.
+
+    By default every block over 32 MB gets its own mmap and is unmapped when freed, so each training
+    step's big tensors (logit gradients, bf16 copies of the embedding, its gradient) start on fresh
+    pages that the kernel must fault in and zero, about a gigabyte per step for gpt2. Served from
+    the heap and never trimmed, the blocks freed by one step are reused by the next: the CPU step
+    runs 13% (gpt2) to 20% (small) faster, with the same peak memory (docs/benchmarks.md).
+    Linux with glibc only; elsewhere nothing changes.
+    """
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
+    if not sys.platform.startswith("linux"):
+        return
+    mallopt = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallopt", None)  # musl has none
+    if mallopt is not None:
+        mallopt(M_MMAP_MAX, 0)  # no block gets its own mapping...
+        mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # ...and the heap's free top is not handed back
+
+
 def main(argv=None):
     config = parse_config(TrainConfig, argv, description=__doc__.split("\n\n")[0])
 
@@ -401,6 +422,8 @@ def main(argv=None):
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     master = rank == 0
     amp_dtype = autocast_dtype(config.dtype, device)
+    if device.type == "cpu":
+        reuse_freed_memory()
     use_compile = config.compile if config.compile is not None else device.type == "cuda"
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for any float32 matmul left

@@ -135,51 +135,79 @@ def keep_top_p(logits, p):
     return logits.masked_fill(drop, float("-inf"))
 
 
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of (N, V) logits, computed a few rows at a time: the CPU training loss.
+class LinearCrossEntropy(torch.autograd.Function):
+    """The language-model head and the mean cross-entropy in one step: the CPU training loss.
 
-    Same result as F.cross_entropy (a test checks loss and gradient). Why it exists: with GPT-2's
-    vocabulary the logits of one batch hold hundreds of megabytes, far more than a CPU's caches, so
-    the loss is bound by memory bandwidth. F.cross_entropy makes about eight passes over them in
-    float32 (upcast, log-softmax, its backward, ...); here each chunk of rows stays in cache, and
-    the logits are read once forward and once backward, and the gradient written once, in their
-    own dtype. On CUDA, and under torch.compile, the fused kernels are faster and are used instead.
-    Targets of -1 are ignored.
+    Same result as F.cross_entropy(x @ weight.T, targets) (a test checks loss and gradients), without
+    ever holding the (N, V) logits. Why it exists: with GPT-2's vocabulary the logits of one batch
+    take hundreds of megabytes, far more than a CPU's caches, and writing them, reading them for the
+    loss and reading them again for its gradient is bound by memory bandwidth. Here the logits come
+    ROWS rows at a time, and each group of SOFTMAX_ROWS rows is turned into its loss and its gradient
+    while it is still in cache. The gradient is computed in the forward pass (it needs the same
+    softmax) and only scaled in the backward pass. On CUDA, and under torch.compile, the fused
+    kernels of F.cross_entropy are faster and are used instead.
+
+    Only the first vocab_size rows of weight are tokens: the padding rows get zero probability and a
+    zero gradient. Targets of -1 are ignored.
     """
 
-    ROWS = 16  # rows per chunk: 16 x 50304 float32 values is 3 MB, within a core's share of cache
+    ROWS = 256  # rows per matrix product: enough for the products to run at full speed
+    SOFTMAX_ROWS = 16  # 16 x 50304 float32 values is 3 MB, within a core's share of cache
 
     @staticmethod
-    def forward(ctx, logits, targets):
+    def forward(ctx, x, weight, targets, vocab_size):
+        N = x.size(0)
         valid = targets >= 0
         safe_targets = targets.clamp(min=0)
-        lse = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)  # log-sum-exp per row
-        for i in range(0, logits.size(0), ChunkedCrossEntropy.ROWS):
-            rows = slice(i, i + ChunkedCrossEntropy.ROWS)
-            lse[rows] = torch.logsumexp(logits[rows].float(), dim=-1)
-        target_logits = logits.gather(1, safe_targets[:, None]).squeeze(1).float()
         count = valid.sum()
-        ctx.save_for_backward(logits, safe_targets, valid, lse, count)
-        return ((lse - target_logits) * valid).sum() / count
+        # d loss / d logits = (softmax(logits) - one_hot(target)) / count, for valid rows only.
+        row_scale = valid.float() / count  # (N,)
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        if needs_grad:
+            grad_logits = torch.empty(N, weight.size(0), dtype=x.dtype, device=x.device)  # (N, V)
+            grad_x = torch.empty_like(x)  # (N, C)
+        losses = torch.empty(N, dtype=torch.float32, device=x.device)
+        for start in range(0, N, LinearCrossEntropy.ROWS):
+            block = slice(start, start + LinearCrossEntropy.ROWS)
+            logits = x[block] @ weight.t()  # (ROWS, V)
+            for offset in range(0, logits.size(0), LinearCrossEntropy.SOFTMAX_ROWS):
+                rows = slice(start + offset, start + offset + LinearCrossEntropy.SOFTMAX_ROWS)
+                z = logits[offset : offset + LinearCrossEntropy.SOFTMAX_ROWS].float()
+                z[:, vocab_size:] = float("-inf")
+                row_ids = torch.arange(z.size(0), device=x.device)
+                target_logits = z[row_ids, safe_targets[rows]]
+                row_max = z.amax(dim=1, keepdim=True)
+                z.sub_(row_max).exp_()  # exp(z - max), so that nothing overflows
+                row_sum = z.sum(dim=1, keepdim=True)
+                losses[rows] = (row_max + row_sum.log()).squeeze(1) - target_logits  # log-sum-exp - target
+                if needs_grad:
+                    z.mul_(row_scale[rows, None] / row_sum)  # softmax, scaled
+                    z[row_ids, safe_targets[rows]] -= row_scale[rows]
+                    grad_logits[rows] = z
+            if needs_grad:
+                torch.mm(grad_logits[block], weight, out=grad_x[block])
+        if needs_grad:
+            ctx.save_for_backward(grad_x, grad_logits.t() @ x)  # d loss / dx and d loss / d weight
+        return (losses * valid).sum() / count
 
     @staticmethod
     def backward(ctx, grad_loss):
-        logits, safe_targets, valid, lse, count = ctx.saved_tensors
-        # d loss / d logits = (softmax(logits) - one_hot(target)) / count, for valid rows only.
-        row_scale = valid.float() * (grad_loss.float() / count)  # (N,)
-        grad = torch.empty_like(logits)
-        for i in range(0, logits.size(0), ChunkedCrossEntropy.ROWS):
-            rows = slice(i, i + ChunkedCrossEntropy.ROWS)
-            probs = logits[rows].float().sub_(lse[rows, None]).exp_()
-            probs[torch.arange(probs.size(0)), safe_targets[rows]] -= 1.0
-            grad[rows] = probs.mul_(row_scale[rows, None])
-        return grad, None
+        grad_x, grad_weight = ctx.saved_tensors
+        scale = grad_loss.to(grad_x.dtype)
+        return grad_x * scale, grad_weight * scale, None, None
 
 
-def cross_entropy(logits, targets):
-    """Mean cross-entropy over (N, V) logits and (N,) targets, ignoring targets of -1."""
-    if logits.device.type == "cpu" and not torch.compiler.is_compiling():
-        return ChunkedCrossEntropy.apply(logits, targets)
+def head_and_loss(x, weight, targets, vocab_size):
+    """Mean cross-entropy of the logits x @ weight.T over (N, C) inputs and (N,) targets.
+
+    Only the first vocab_size rows of weight are tokens; targets of -1 are ignored.
+    """
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        # The dtype autocast would pick for the matrix product (bf16 in mixed precision).
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        return LinearCrossEntropy.apply(x.to(dtype), weight.to(dtype), targets, vocab_size)
+    logits = F.linear(x, weight)  # (N, V)
+    logits[:, vocab_size:] = float("-inf")
     return F.cross_entropy(logits, targets, ignore_index=-1)
 
 
@@ -288,10 +316,12 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, idx, targets=None, cache=None):
-        """Logits (B, T, V) for every position, and the mean cross-entropy when targets are given.
+        """(logits, None) without targets, (None, loss) with them.
 
-        idx and targets are (B, T) token ids; targets of -1 are ignored. With a KVCache, idx holds only
-        the new tokens: they attend to the cached ones and are appended to the cache.
+        The logits are (B, T, V), for every position; the loss is the mean cross-entropy, computed
+        without holding all the logits at once (see LinearCrossEntropy), which is why they are not
+        returned with it. idx and targets are (B, T) token ids; targets of -1 are ignored. With a
+        KVCache, idx holds only the new tokens: they attend to the cached ones and are appended to it.
         """
         B, T = idx.size()
         past = cache.length if cache is not None else 0
@@ -304,14 +334,15 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
         x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, V)
-        if self.config.padded_vocab_size > self.config.vocab_size:
-            # Padding rows are no tokens: -inf gives them zero probability in the loss and in sampling.
-            logits[..., self.config.vocab_size :] = float("-inf")
-        loss = None
         if targets is not None:
-            loss = cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+            # Training and evaluation need only the loss: the logits of every position are never kept.
+            loss = head_and_loss(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                 self.config.vocab_size)
+            return None, loss
+        logits = self.lm_head(x)  # (B, T, V)
+        # Padding rows are no tokens: -inf gives them zero probability in sampling.
+        logits[..., self.config.vocab_size :] = float("-inf")
+        return logits, None
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, generator=None,

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from gpt_train import peak_flops  # noqa: E402
+from gpt_train import peak_flops, reuse_freed_memory  # noqa: E402
 from infer import pick_device  # noqa: E402
 from transformer import GPT, config_from_preset  # noqa: E402
 
@@ -73,9 +73,13 @@ def main():
     parser.add_argument("--compile-modes", default="eager,compiled", help="comma-separated: eager, compiled")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="keep glibc's default malloc settings, which gpt_train.py changes on a CPU")
     args = parser.parse_args()
 
     device = pick_device(args.device)
+    if device.type == "cpu" and not args.default_malloc:
+        reuse_freed_memory()  # as gpt_train.py does
     cases = [(args.preset, args.batch_size, args.block_size)] if args.preset else CPU_CASES
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
     print(f"device: {name}, torch {torch.__version__}")
