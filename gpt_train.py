@@ -1,6 +1,6 @@
 """Trains the GPT-2 of transformer.py on the token shards of gpt_dataset.py.
 
-    python gpt_train.py                                                         # the CPU quickstart, ~11 min
+    python gpt_train.py                                                         # the CPU quickstart, ~8 min
     python gpt_train.py --data data/wikipedia_en_20231101 --preset gpt2         # one GPU
     torchrun --nproc_per_node=8 gpt_train.py --data ... --preset gpt2           # eight GPUs
     python gpt_train.py ... --resume                                            # continue a run
@@ -17,7 +17,7 @@ renamed when complete, so a crash never leaves a half checkpoint that looks whol
 Ctrl-C saves one at the next step boundary and exits.
 
 What to expect: the defaults (the `mini` preset on the English sample, 560 steps of 2,048 tokens)
-take about 11 minutes on 2 cores of an AVX512-BF16 CPU and reach a validation loss of about 5.9.
+take about 8 minutes on 2 cores of an AVX512-BF16 CPU and reach a validation loss of about 5.9.
 Measured speeds of the training step are in docs/benchmarks.md.
 """
 
@@ -70,6 +70,7 @@ class TrainConfig:
     keep_last: int = 2  # newest checkpoints kept, besides the best by validation loss
     sample_tokens: int = 48  # tokens in the text sample printed at each evaluation; 0 disables
     compile: bool | None = None  # torch.compile the model; default on for CUDA
+    reuse_memory: bool = True  # CPU: keep freed memory for the next step: ~10% faster, more resident memory
     dtype: str = "auto"  # auto, float32, bfloat16 or float16 (autocast; weights stay float32)
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
     seed: int = 1337  # seeds weights, data order and dropout
@@ -351,7 +352,7 @@ def resolve_config(config, world_size):
 
 def autocast_dtype(requested, device):
     """The autocast dtype, or None for plain float32. auto: bf16 on CUDA where supported, else fp16;
-    bf16 on CPUs with bf16 instructions, where a step runs about 1.9x faster than fp32
+    bf16 on CPUs with bf16 instructions, where a step runs about 1.8x faster than fp32
     (docs/benchmarks.md); fp32 on other CPUs and on MPS."""
     if requested == "auto":
         if device.type == "cuda":
@@ -392,8 +393,10 @@ def reuse_freed_memory():
     step's big tensors (logit gradients, bf16 copies of the embedding, its gradient) start on fresh
     pages that the kernel must fault in and zero, about a gigabyte per step for gpt2. Served from
     the heap and never trimmed, the blocks freed by one step are reused by the next: the CPU step
-    runs 13% (gpt2) to 20% (small) faster, with the same peak memory (docs/benchmarks.md).
-    Linux with glibc only; elsewhere nothing changes.
+    runs 8-18% faster. The price is resident memory, which keeps what every phase of a run (steps,
+    evaluation, checkpoints) has freed: 1.93 GiB instead of 1.01 for the quickstart
+    (docs/benchmarks.md); --no-reuse-memory turns it off. Linux with glibc only; elsewhere nothing
+    changes.
     """
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
     if not sys.platform.startswith("linux"):
@@ -422,7 +425,7 @@ def main(argv=None):
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     master = rank == 0
     amp_dtype = autocast_dtype(config.dtype, device)
-    if device.type == "cpu":
+    if device.type == "cpu" and config.reuse_memory:
         reuse_freed_memory()
     use_compile = config.compile if config.compile is not None else device.type == "cuda"
     if device.type == "cuda":

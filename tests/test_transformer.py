@@ -28,11 +28,15 @@ def test_logits_shape_and_initial_loss_near_uniform():
     assert abs(loss.item() - math.log(50257)) < 0.1
 
 
-def test_training_loss_and_gradients_equal_cross_entropy_of_the_logits():
+@pytest.mark.parametrize("path", ["cpu", "cuda_or_compiled"])
+def test_training_loss_and_gradients_equal_cross_entropy_of_the_logits(path, monkeypatch):
+    if path == "cuda_or_compiled":  # the F.cross_entropy path that CUDA and torch.compile take
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     idx, targets = torch.randint(0, 50257, (2, 12)), torch.randint(0, 50257, (2, 12))
     targets[0, :3] = -1
     fused, plain = tiny_model(), tiny_model()
     fused(idx, targets)[1].backward()
+    monkeypatch.undo()
     logits = plain(idx)[0]
     torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1).backward()
     for (name, a), b in zip(fused.named_parameters(), plain.parameters()):
