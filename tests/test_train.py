@@ -231,7 +231,7 @@ def test_help_lists_the_knobs():
     result = run_train_script(["--help"])
     assert result.returncode == 0
     for flag in ("--preset", "--n-layer", "--tokens-per-step", "--min-lr", "--compile", "--no-compile",
-                 "--resume", "--init-from", "--keep-last", "--dtype", "--device"):
+                 "--resume", "--init-from", "--keep-last", "--dtype", "--device", "--no-reuse-memory"):
         assert flag in result.stdout
 
 
