@@ -136,19 +136,20 @@ def keep_top_p(logits, p):
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """The language-model head and the mean cross-entropy in one step: the CPU training loss.
+    """The language-model head and the mean cross-entropy in one pass: the CPU training loss.
 
-    Same result as F.cross_entropy(x @ weight.T, targets) (a test checks loss and gradients), without
-    ever holding the (N, V) logits. Why it exists: with GPT-2's vocabulary the logits of one batch
-    take hundreds of megabytes, far more than a CPU's caches, and writing them, reading them for the
-    loss and reading them again for its gradient is bound by memory bandwidth. Here the logits come
-    ROWS rows at a time, and each group of SOFTMAX_ROWS rows is turned into its loss and its gradient
-    while it is still in cache. The gradient is computed in the forward pass (it needs the same
-    softmax) and only scaled in the backward pass. On CUDA, and under torch.compile, the fused
-    kernels of F.cross_entropy are faster and are used instead.
+    Returns (logits, loss), the same as logits = x @ weight.T and F.cross_entropy(logits, targets)
+    (tests check both and their gradients). Why it exists: with GPT-2's vocabulary the logits of
+    one batch take hundreds of megabytes, far more than a CPU's caches, and reading them back for
+    the loss and again for its gradient is bound by memory bandwidth. Here the logits are made ROWS
+    rows at a time, and each group of SOFTMAX_ROWS rows is turned into its loss and the loss's
+    gradient while it is still in cache. That gradient is computed in the forward pass (it needs
+    the same softmax) and only scaled in the backward pass. Gradients that reach the returned logits
+    (when something besides the loss uses them) are handled too. On CUDA, and under torch.compile,
+    the fused kernels of F.cross_entropy are faster and are used instead.
 
-    Only the first vocab_size rows of weight are tokens: the padding rows get zero probability and a
-    zero gradient. Targets of -1 are ignored.
+    Only the first vocab_size rows of weight are tokens: their logits beyond are -inf, so the padding
+    rows get zero probability and no gradient from the loss. Targets of -1 are ignored.
     """
 
     ROWS = 256  # rows per matrix product: enough for the products to run at full speed
@@ -156,6 +157,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, targets, vocab_size):
+        ctx.set_materialize_grads(False)  # an unused output gets None in backward, not zeros
         N = x.size(0)
         valid = targets >= 0
         safe_targets = targets.clamp(min=0)
@@ -163,17 +165,18 @@ class LinearCrossEntropy(torch.autograd.Function):
         # d loss / d logits = (softmax(logits) - one_hot(target)) / count, for valid rows only.
         row_scale = valid.float() / count  # (N,)
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        logits = torch.empty(N, weight.size(0), dtype=x.dtype, device=x.device)  # (N, V)
         if needs_grad:
-            grad_logits = torch.empty(N, weight.size(0), dtype=x.dtype, device=x.device)  # (N, V)
+            grad_logits = torch.empty_like(logits)  # of the loss
             grad_x = torch.empty_like(x)  # (N, C)
         losses = torch.empty(N, dtype=torch.float32, device=x.device)
         for start in range(0, N, LinearCrossEntropy.ROWS):
             block = slice(start, start + LinearCrossEntropy.ROWS)
-            logits = x[block] @ weight.t()  # (ROWS, V)
-            for offset in range(0, logits.size(0), LinearCrossEntropy.SOFTMAX_ROWS):
-                rows = slice(start + offset, start + offset + LinearCrossEntropy.SOFTMAX_ROWS)
-                z = logits[offset : offset + LinearCrossEntropy.SOFTMAX_ROWS].float()
-                z[:, vocab_size:] = float("-inf")
+            torch.mm(x[block], weight.t(), out=logits[block])
+            logits[block, vocab_size:] = float("-inf")
+            for offset in range(start, min(start + LinearCrossEntropy.ROWS, N), LinearCrossEntropy.SOFTMAX_ROWS):
+                rows = slice(offset, offset + LinearCrossEntropy.SOFTMAX_ROWS)
+                z = logits[rows].to(torch.float32, copy=True)  # (SOFTMAX_ROWS, V), worked on in place
                 row_ids = torch.arange(z.size(0), device=x.device)
                 target_logits = z[row_ids, safe_targets[rows]]
                 row_max = z.amax(dim=1, keepdim=True)
@@ -187,18 +190,27 @@ class LinearCrossEntropy(torch.autograd.Function):
             if needs_grad:
                 torch.mm(grad_logits[block], weight, out=grad_x[block])
         if needs_grad:
-            ctx.save_for_backward(grad_x, grad_logits.t() @ x)  # d loss / dx and d loss / d weight
-        return (losses * valid).sum() / count
+            # d loss / dx and d loss / d weight, then what a gradient of the logits needs
+            ctx.save_for_backward(grad_x, grad_logits.t() @ x, x, weight)
+        return logits, (losses * valid).sum() / count
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        grad_x, grad_weight = ctx.saved_tensors
-        scale = grad_loss.to(grad_x.dtype)
-        return grad_x * scale, grad_weight * scale, None, None
+    def backward(ctx, grad_of_logits, grad_of_loss):
+        loss_grad_x, loss_grad_weight, x, weight = ctx.saved_tensors
+        grad_x = grad_weight = None
+        if grad_of_loss is not None:
+            scale = grad_of_loss.to(x.dtype)
+            grad_x, grad_weight = loss_grad_x * scale, loss_grad_weight * scale
+        if grad_of_logits is not None:  # the plain backward of logits = x @ weight.T
+            grad_of_logits = grad_of_logits.to(x.dtype)
+            from_logits_x, from_logits_weight = grad_of_logits @ weight, grad_of_logits.t() @ x
+            grad_x = from_logits_x if grad_x is None else grad_x + from_logits_x
+            grad_weight = from_logits_weight if grad_weight is None else grad_weight + from_logits_weight
+        return grad_x, grad_weight, None, None
 
 
 def head_and_loss(x, weight, targets, vocab_size):
-    """Mean cross-entropy of the logits x @ weight.T over (N, C) inputs and (N,) targets.
+    """(logits, mean cross-entropy) of the head x @ weight.T, over (N, C) inputs and (N,) targets.
 
     Only the first vocab_size rows of weight are tokens; targets of -1 are ignored.
     """
@@ -208,7 +220,7 @@ def head_and_loss(x, weight, targets, vocab_size):
         return LinearCrossEntropy.apply(x.to(dtype), weight.to(dtype), targets, vocab_size)
     logits = F.linear(x, weight)  # (N, V)
     logits[:, vocab_size:] = float("-inf")
-    return F.cross_entropy(logits, targets, ignore_index=-1)
+    return logits, F.cross_entropy(logits, targets, ignore_index=-1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -316,12 +328,10 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, idx, targets=None, cache=None):
-        """(logits, None) without targets, (None, loss) with them.
+        """Logits (B, T, V) for every position, and the mean cross-entropy when targets are given.
 
-        The logits are (B, T, V), for every position; the loss is the mean cross-entropy, computed
-        without holding all the logits at once (see LinearCrossEntropy), which is why they are not
-        returned with it. idx and targets are (B, T) token ids; targets of -1 are ignored. With a
-        KVCache, idx holds only the new tokens: they attend to the cached ones and are appended to it.
+        idx and targets are (B, T) token ids; targets of -1 are ignored. With a KVCache, idx holds only
+        the new tokens: they attend to the cached ones and are appended to the cache.
         """
         B, T = idx.size()
         past = cache.length if cache is not None else 0
@@ -334,15 +344,15 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
         x = self.transformer.ln_f(x)
-        if targets is not None:
-            # Training and evaluation need only the loss: the logits of every position are never kept.
-            loss = head_and_loss(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
-                                 self.config.vocab_size)
-            return None, loss
-        logits = self.lm_head(x)  # (B, T, V)
-        # Padding rows are no tokens: -inf gives them zero probability in sampling.
-        logits[..., self.config.vocab_size :] = float("-inf")
-        return logits, None
+        if targets is None:
+            logits = self.lm_head(x)  # (B, T, V)
+            # Padding rows are no tokens: -inf gives them zero probability when sampling.
+            logits[..., self.config.vocab_size :] = float("-inf")
+            return logits, None
+        # With targets, the head and the loss are computed together (see LinearCrossEntropy).
+        logits, loss = head_and_loss(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                     self.config.vocab_size)
+        return logits.view(B, T, -1), loss
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, generator=None,

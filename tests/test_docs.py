@@ -17,6 +17,9 @@ def test_readme_code_links_point_at_what_they_name():
         if text in PROSE_LINKS:
             assert PROSE_LINKS[text] in target, f"README link [{text}]({path}#L{line}) points at: {target!r}"
         else:
-            name = text.strip("`").split(".")[-1]
+            *owner, name = text.strip("`").split(".")  # `GPT.forward`: forward, inside class GPT
             definition = re.compile(rf"^\s*(def|class) {re.escape(name)}\b")
             assert definition.match(target), f"README link [{text}]({path}#L{line}) points at: {target!r}"
+            if owner:
+                enclosing = next(l for l in reversed(lines[: int(line) - 1]) if l.startswith("class "))
+                assert re.match(rf"class {re.escape(owner[0])}\b", enclosing), f"README link [{text}] is in {enclosing!r}"
