@@ -158,7 +158,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, targets, vocab_size):
         ctx.set_materialize_grads(False)  # an unused output gets None in backward, not zeros
-        N = x.size(0)
+        ctx.vocab_size = vocab_size
+        N, block_rows, softmax_rows = x.size(0), LinearCrossEntropy.ROWS, LinearCrossEntropy.SOFTMAX_ROWS
         valid = targets >= 0
         safe_targets = targets.clamp(min=0)
         count = valid.sum()
@@ -170,12 +171,12 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_logits = torch.empty_like(logits)  # of the loss
             grad_x = torch.empty_like(x)  # (N, C)
         losses = torch.empty(N, dtype=torch.float32, device=x.device)
-        for start in range(0, N, LinearCrossEntropy.ROWS):
-            block = slice(start, start + LinearCrossEntropy.ROWS)
+        for start in range(0, N, block_rows):
+            block = slice(start, start + block_rows)
             torch.mm(x[block], weight.t(), out=logits[block])
             logits[block, vocab_size:] = float("-inf")
-            for offset in range(start, min(start + LinearCrossEntropy.ROWS, N), LinearCrossEntropy.SOFTMAX_ROWS):
-                rows = slice(offset, offset + LinearCrossEntropy.SOFTMAX_ROWS)
+            for offset in range(start, min(start + block_rows, N), softmax_rows):
+                rows = slice(offset, offset + softmax_rows)
                 z = logits[rows].to(torch.float32, copy=True)  # (SOFTMAX_ROWS, V), worked on in place
                 row_ids = torch.arange(z.size(0), device=x.device)
                 target_logits = z[row_ids, safe_targets[rows]]
@@ -202,7 +203,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             scale = grad_of_loss.to(x.dtype)
             grad_x, grad_weight = loss_grad_x * scale, loss_grad_weight * scale
         if grad_of_logits is not None:  # the plain backward of logits = x @ weight.T
-            grad_of_logits = grad_of_logits.to(x.dtype)
+            grad_of_logits = grad_of_logits.to(x.dtype, copy=True)
+            grad_of_logits[:, ctx.vocab_size :] = 0  # the padding logits are constants (-inf)
             from_logits_x, from_logits_weight = grad_of_logits @ weight, grad_of_logits.t() @ x
             grad_x = from_logits_x if grad_x is None else grad_x + from_logits_x
             grad_weight = from_logits_weight if grad_weight is None else grad_weight + from_logits_weight
