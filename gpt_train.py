@@ -390,13 +390,13 @@ def reuse_freed_memory():
     """Makes glibc's malloc keep large freed blocks for reuse instead of returning them to the kernel.
 
     By default every block over 32 MB gets its own mmap and is unmapped when freed, so each training
-    step's big tensors (logit gradients, bf16 copies of the embedding, its gradient) start on fresh
-    pages that the kernel must fault in and zero, about a gigabyte per step for gpt2. Served from
-    the heap and never trimmed, the blocks freed by one step are reused by the next: the CPU step
-    runs 8-18% faster. The price is resident memory, which keeps what every phase of a run (steps,
-    evaluation, checkpoints) has freed: 1.93 GiB instead of 1.01 for the quickstart
-    (docs/benchmarks.md); --no-reuse-memory turns it off. Linux with glibc only; elsewhere nothing
-    changes.
+    step's big tensors (logits and their gradient, bf16 copies of the embedding, its gradient) start
+    on fresh pages that the kernel must fault in and zero, about a gigabyte per step for gpt2.
+    Served from the heap and never trimmed, the blocks freed by one step are reused by the next: the
+    CPU step runs 6-30% faster in the runs of docs/benchmarks.md. The price is resident memory, which
+    keeps what each phase of a run (steps, evaluation, checkpoints) has freed: 1.68 GiB instead of
+    1.33 at the peak of the quickstart. --no-reuse-memory turns it off. Linux with glibc only;
+    elsewhere nothing changes.
     """
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
     if not sys.platform.startswith("linux"):
