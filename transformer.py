@@ -211,20 +211,6 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_x, grad_weight, None, None
 
 
-def head_and_loss(x, weight, targets, vocab_size):
-    """(logits, mean cross-entropy) of the head x @ weight.T, over (N, C) inputs and (N,) targets.
-
-    Only the first vocab_size rows of weight are tokens; targets of -1 are ignored.
-    """
-    if x.device.type == "cpu" and not torch.compiler.is_compiling():
-        # The dtype autocast would pick for the matrix product (bf16 in mixed precision).
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-        return LinearCrossEntropy.apply(x.to(dtype), weight.to(dtype), targets, vocab_size)
-    logits = F.linear(x, weight)  # (N, V)
-    logits[:, vocab_size:] = float("-inf")
-    return logits, F.cross_entropy(logits, targets, ignore_index=-1)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -346,15 +332,20 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
         x = self.transformer.ln_f(x)
-        if targets is None:
-            logits = self.lm_head(x)  # (B, T, V)
-            # Padding rows are no tokens: -inf gives them zero probability when sampling.
-            logits[..., self.config.vocab_size :] = float("-inf")
-            return logits, None
-        # With targets, the head and the loss are computed together (see LinearCrossEntropy).
-        logits, loss = head_and_loss(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
-                                     self.config.vocab_size)
-        return logits.view(B, T, -1), loss
+        if targets is not None and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            # On a CPU the head and the loss are computed together (see LinearCrossEntropy), in the
+            # dtype autocast would pick for the head's matrix product (bf16 in mixed precision).
+            dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+            logits, loss = LinearCrossEntropy.apply(x.view(B * T, -1).to(dtype), self.lm_head.weight.to(dtype),
+                                                    targets.reshape(-1), self.config.vocab_size)
+            return logits.view(B, T, -1), loss
+        logits = self.lm_head(x)  # (B, T, V)
+        # Padding rows are no tokens: -inf gives them zero probability in the loss and in sampling.
+        logits[..., self.config.vocab_size :] = float("-inf")
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, generator=None,
