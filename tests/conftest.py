@@ -1,6 +1,8 @@
-"""Shared fixtures: the real offline Wikipedia sample, tokenised once per test session."""
+"""Shared fixtures (the real offline Wikipedia sample, tokenised once per test session) and helpers
+that run the scripts as a user does."""
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -13,6 +15,22 @@ import gpt_dataset  # noqa: E402
 GENSIM_DUMP = ("gensim==4.4.0",
                "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
                "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d")
+
+
+def script(name, *args):
+    """The command line that runs one of the repository's scripts with this Python."""
+    return [sys.executable, os.path.join(ROOT, name), *args]
+
+
+def run_script(name, args, cwd=ROOT, **kwargs):
+    """Runs a script to its end, its output captured as text."""
+    return subprocess.run(script(name, *args), capture_output=True, text=True, cwd=cwd, **kwargs)
+
+
+def assert_one_clear_error(result, message):
+    """What bad input must give: a non-zero exit, no traceback, and `message` in the last line."""
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert message in result.stderr.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="session")

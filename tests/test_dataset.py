@@ -7,7 +7,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -15,7 +14,7 @@ import pytest
 
 import gpt_dataset
 from gpt_dataset import DataError, UsageError, gpt2_tokenizer, load_manifest, open_shard, open_split
-from conftest import ROOT
+from conftest import ROOT, assert_one_clear_error, run_script, script
 
 
 def decoded_documents(data_dir, split):
@@ -200,11 +199,6 @@ def test_a_directory_of_other_settings_is_not_overwritten(tmp_path):
     assert directory_digest(out) == before
 
 
-def run_script(args, **kwargs):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "gpt_dataset.py"), *args],
-                          capture_output=True, text=True, cwd=ROOT, **kwargs)
-
-
 @pytest.mark.parametrize("args, message", [
     (["--shard-tokens", "lots"], "invalid int value"),
     (["--no-such-flag"], "unrecognized arguments"),
@@ -213,14 +207,11 @@ def run_script(args, **kwargs):
     (["--val-fraction", "1.5"], "--val-fraction"),
 ])
 def test_bad_command_lines_get_one_clear_line(args, message):
-    result = run_script(args)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    assert message in result.stderr.strip().splitlines()[-1]
+    assert_one_clear_error(run_script("gpt_dataset.py", args), message)
 
 
 def test_help_lists_every_setting():
-    result = run_script(["--help"])
+    result = run_script("gpt_dataset.py", ["--help"])
     assert result.returncode == 0
     for flag in ("--source", "--lang", "--date", "--out", "--shard-tokens", "--max-tokens", "--workers"):
         assert flag in result.stdout
@@ -231,7 +222,7 @@ def test_killed_runs_resume_to_identical_output(tmp_path):
     args = ["--source", "sample", "--shard-tokens", "20000", "--workers", "2", "--batch-chars", "10000"]
     reference = str(tmp_path / "reference")
     started = time.monotonic()
-    assert run_script(args + ["--out", reference]).returncode == 0
+    assert run_script("gpt_dataset.py", args + ["--out", reference]).returncode == 0
     duration = time.monotonic() - started
     expected = directory_digest(reference)
     assert len(expected) > 40
@@ -241,7 +232,7 @@ def test_killed_runs_resume_to_identical_output(tmp_path):
     rng = random.Random(0)
     interruptions = 0
     for attempt in range(10):
-        process = subprocess.Popen([sys.executable, os.path.join(ROOT, "gpt_dataset.py"), *args, "--out", out],
+        process = subprocess.Popen(script("gpt_dataset.py", *args, "--out", out),
                                    cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         before = os.path.getmtime(progress) if os.path.exists(progress) else 0
         while process.poll() is None and (not os.path.exists(progress) or os.path.getmtime(progress) == before):
@@ -253,5 +244,5 @@ def test_killed_runs_resume_to_identical_output(tmp_path):
         process.wait()
         interruptions += 1
     assert interruptions >= 4
-    assert run_script(args + ["--out", out]).returncode == 0
+    assert run_script("gpt_dataset.py", args + ["--out", out]).returncode == 0
     assert directory_digest(out) == expected

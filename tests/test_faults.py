@@ -8,10 +8,8 @@ import errno
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -20,7 +18,7 @@ from safetensors.torch import load_file
 
 import gpt_dataset
 import gpt_train
-from conftest import ROOT
+from conftest import assert_one_clear_error, run_script, script
 from gpt_dataset import UsageError
 from infer import checkpoints_in
 from transformer import GPT
@@ -30,8 +28,7 @@ FAST = ["--preset", "tiny", "--block-size", "32", "--batch-size", "4", "--eval-s
 
 
 def train_command(sample_dir, run, *extra):
-    return [sys.executable, os.path.join(ROOT, "gpt_train.py"), "--data", sample_dir, "--out-dir", str(run),
-            *FAST, *extra]
+    return script("gpt_train.py", "--data", sample_dir, "--out-dir", str(run), *FAST, *extra)
 
 
 def final_weights(run):
@@ -108,8 +105,8 @@ def test_signal_at_any_moment_leaves_a_complete_checkpoint(sample_dir, tmp_path,
 
 
 def test_dataset_killed_20_times_rebuilds_identical_files(tmp_path):
-    args = [sys.executable, os.path.join(ROOT, "gpt_dataset.py"), "--source", "sample", "--shard-tokens", "4000",
-            "--workers", "2", "--batch-chars", "5000"]
+    args = script("gpt_dataset.py", "--source", "sample", "--shard-tokens", "4000", "--workers", "2",
+                  "--batch-chars", "5000")
     reference = tmp_path / "reference"
     assert subprocess.run(args + ["--out", str(reference)], capture_output=True).returncode == 0
     expected = {n: gpt_dataset.file_sha256(reference / n) for n in os.listdir(reference)}
@@ -204,11 +201,10 @@ def test_a_really_full_disk_gives_a_clear_error(tmp_path, sample_dir):
     if not mount_small_tmpfs(disk, "1200k"):
         pytest.skip("cannot mount a tmpfs here (needs root); the simulated full-disk tests above still ran")
     try:
-        result = subprocess.run([sys.executable, os.path.join(ROOT, "gpt_dataset.py"), "--source", "sample",
-                                 "--out", str(disk / "data"), "--shard-tokens", "400000"],
-                                capture_output=True, text=True)
-        assert result.returncode == 1 and "Traceback" not in result.stderr
-        assert "no space left on the device" in result.stderr.strip().splitlines()[-1]
+        result = run_script("gpt_dataset.py", ["--source", "sample", "--out", str(disk / "data"),
+                                                "--shard-tokens", "400000"])
+        assert result.returncode == 1
+        assert_one_clear_error(result, "no space left on the device")
         progress = disk / "data" / "progress.json"
         if progress.exists():
             for split in json.loads(progress.read_text())["splits"].values():
