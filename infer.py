@@ -8,24 +8,21 @@ Tokens are printed as they are generated. Decoding uses the model's key/value ca
 token costs one token's forward pass instead of the whole context's. Checkpoints are read from
 JSON and safetensors only, so a downloaded checkpoint cannot run code on this machine.
 
-The functions here are also what gpt_train.py uses to find checkpoints and to print samples
-during training, so there is one loading path and one sampling path.
+Checkpoints are found as common.py describes their layout, and loaded by transformer.GPT.from_pretrained,
+the one loading path that training (--resume, --init-from) uses too.
 """
 
 import codecs
-import glob
-import json
 import os
-import re
 import sys
 from dataclasses import dataclass
 
 import torch
 
-from gpt_dataset import UsageError, gpt2_tokenizer, parse_config, run_cli
-from transformer import EOT_TOKEN, GPT, CheckpointError
-
-CHECKPOINT_NAME = re.compile(r"^ckpt_(\d{7})$")  # a checkpoint directory, renamed to this only when complete
+from common import (EOT_TOKEN, UsageError, best_checkpoint, check_dtype_name, cpu_has_fast_bf16, newest_run,
+                    parse_config, pick_device, run_cli)
+from gpt_dataset import gpt2_tokenizer
+from transformer import GPT, check_sampling
 
 
 @dataclass
@@ -45,81 +42,25 @@ class InferConfig:
     cache: bool = True  # use the key/value cache (--no-cache recomputes the whole context every token)
 
 
-def pick_device(requested):
-    """A torch.device from 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', refusing what this machine lacks."""
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", requested):
-        raise UsageError(f"unknown device {requested!r}; use auto, cpu, cuda, cuda:N or mps")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {requested}: this machine has no CUDA GPU visible to PyTorch; use --device cpu")
-    if requested.startswith("cuda:") and int(requested[5:]) >= torch.cuda.device_count():
-        raise UsageError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    if requested == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps: Apple's Metal backend is not available here; use --device cpu")
-    return torch.device(requested)
-
-
-def cpu_has_fast_bf16():
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and
-    slower than float32. Linux reports it in /proc/cpuinfo; other systems get float32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
-
-
 def pick_dtype(requested, device):
     """Weight dtype for inference. Decoding one token reads every weight once, so it is bound by
     memory bandwidth: bf16 weights halve the bytes read and nearly double the tokens per second."""
     if requested == "auto":
         fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
         return torch.bfloat16 if fast else torch.float32
-    if requested not in ("float32", "bfloat16", "float16"):
-        raise UsageError(f"--dtype must be auto, float32, bfloat16 or float16, got {requested!r}")
     return getattr(torch, requested)
 
 
 # ---- Finding checkpoints ----
 
 
-def checkpoints_in(run_dir):
-    """Complete checkpoint directories of a run, oldest first. Partial ones (a crash mid-write) are
-    still under a temporary name and never match."""
-    found = [p for p in glob.glob(os.path.join(run_dir, "ckpt_*")) if CHECKPOINT_NAME.match(os.path.basename(p))]
-    return sorted(p for p in found if os.path.isfile(os.path.join(p, "model.safetensors")))
-
-
-def checkpoint_val_loss(checkpoint):
-    """The validation loss recorded with a checkpoint, or None."""
-    try:
-        with open(os.path.join(checkpoint, "trainer_state.json")) as f:
-            return json.load(f).get("val_loss")
-    except (OSError, ValueError):
-        return None
-
-
-def best_checkpoint(run_dir):
-    """The run's checkpoint with the lowest validation loss, else its newest; None if it has none."""
-    checkpoints = checkpoints_in(run_dir)
-    scored = [(loss, path) for path in checkpoints if (loss := checkpoint_val_loss(path)) is not None]
-    if scored:
-        return min(scored)[1]
-    return checkpoints[-1] if checkpoints else None
-
-
 def resolve_checkpoint(checkpoint, runs_dir):
     """(model directory or hub name, a sentence saying what was chosen)."""
     if checkpoint is None:
-        runs = [d for d in glob.glob(os.path.join(runs_dir, "*")) if checkpoints_in(d)]
-        if not runs:
+        run = newest_run(runs_dir)
+        if run is None:
             raise UsageError(f"no trained checkpoints under {runs_dir}/; train one with gpt_train.py, or pass "
                              "--checkpoint (a checkpoint directory or a GPT-2 name such as gpt2)")
-        run = max(runs, key=lambda d: os.path.getmtime(checkpoints_in(d)[-1]))
         chosen = best_checkpoint(run)
         return chosen, f"using {chosen}, the best checkpoint of the newest run"
     if os.path.isfile(os.path.join(checkpoint, "config.json")):
@@ -182,20 +123,20 @@ def generate_text(model, prompt_ids, *, max_new_tokens, temperature=0.8, top_k=2
     return "".join(pieces)
 
 
-def check_sampling(config):
+def check_settings(config):
+    """Refuses impossible settings before anything is loaded."""
     if config.max_new_tokens < 1 or config.num_samples < 1:
         raise UsageError("--max-new-tokens and --num-samples must be at least 1")
-    if config.temperature < 0:
-        raise UsageError(f"--temperature must be >= 0 (0 is greedy), got {config.temperature}")
-    if config.top_k is not None and config.top_k < 1:
-        raise UsageError(f"--top-k must be at least 1, got {config.top_k}")
-    if config.top_p is not None and not 0 < config.top_p <= 1:
-        raise UsageError(f"--top-p must be in (0, 1], got {config.top_p}")
+    check_dtype_name(config.dtype)
+    try:
+        check_sampling(config.temperature, config.top_k, config.top_p)
+    except ValueError as e:
+        raise UsageError(f"--{str(e).replace('_', '-')}") from e
 
 
 def main(argv=None):
     config = parse_config(InferConfig, argv, description=__doc__.split("\n\n")[0])
-    check_sampling(config)
+    check_settings(config)
     device = pick_device(config.device)
     dtype = pick_dtype(config.dtype, device)
     path, note = resolve_checkpoint(config.checkpoint, config.runs_dir)
@@ -221,4 +162,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main, known_errors=(CheckpointError,))
+    run_cli(main)

@@ -5,6 +5,17 @@ token plus learned position embeddings, a stack of pre-LayerNorm blocks (causal 
 a 4x MLP with tanh-GELU, each wrapped in a residual connection), a final LayerNorm and a language-model
 head that shares its weight with the token embedding.
 
+The file reads top to bottom as the model is explained:
+    GPTConfig and the presets          the sizes
+    KVCache, CausalSelfAttention       attention, with the cache that makes decoding one token cheap
+    MLP, Block                         the rest of a transformer block
+    GPT                                embeddings, blocks, head and loss; generation; parameter counts;
+                                       saving and loading in Hugging Face's layout
+    LinearCrossEntropy                 the head and the loss in one pass, a CPU training speed-up that
+                                       the trainer switches on (GPT.fused_loss); the model reads without it
+    sample_next_token, keep_top_k/p    the sampling filters that generation uses
+    hf_config_dict, ...                conversion to and from Hugging Face's GPT2Config and weights
+
 Module names follow the original checkpoints (`transformer.h.0.attn.c_attn`, ...), so weights move
 to and from Hugging Face's `GPT2LMHeadModel` with one documented change: GPT-2 stores its projection
 weights as Conv1D, (in, out), where `nn.Linear` keeps (out, in).
@@ -12,7 +23,7 @@ weights as Conv1D, (in, out), where `nn.Linear` keeps (out, in).
 Notation used in shape comments:
     B  batch size            T  sequence length (tokens in this call)
     C  embedding width       nh number of heads        hs head size, C // nh
-    V  vocabulary rows (padded_vocab_size)             L  number of layers
+    V  vocabulary rows (padded_vocab_size)             L  number of layers    N  rows, B * T
 
 Run `python -m pytest tests/test_transformer.py` to check it against Hugging Face's implementation.
 """
@@ -26,20 +37,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-GPT2_VOCAB_SIZE = 50257  # BPE tokens of GPT-2, the last one being <|endoftext|>
-EOT_TOKEN = 50256  # <|endoftext|>: separates documents in training and ends a generated text
-# nn.Linear weights that GPT-2 checkpoints store transposed, as Conv1D (in, out).
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+from common import EOT_TOKEN, VOCAB_SIZE, CheckpointError
 
-
-class CheckpointError(Exception):
-    """A model directory that cannot be used; the message says what is wrong and what to do."""
+# ---- Sizes ----
 
 
 @dataclass
 class GPTConfig:
     block_size: int = 1024  # context length in tokens; sets the size of the position table
-    vocab_size: int = GPT2_VOCAB_SIZE  # real tokens; logits beyond them are masked out
+    vocab_size: int = VOCAB_SIZE  # real tokens; logits beyond them are masked out
     padded_vocab_size: int = 50304  # embedding rows: 50257 rounded up to a multiple of 64 for fast matmuls
     n_layer: int = 12  # transformer blocks
     n_head: int = 12  # attention heads per block
@@ -80,6 +86,9 @@ def config_from_preset(name, **overrides):
     return GPTConfig(**values)
 
 
+# ---- Attention, with its key/value cache ----
+
+
 class KVCache:
     """Keys and values of the tokens seen so far, so that decoding one token costs one token's work.
 
@@ -97,120 +106,6 @@ class KVCache:
 def causal_mask(T, past, device):
     """(T, past + T) booleans: query i, at absolute position past + i, may see keys 0 .. past + i."""
     return torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)
-
-
-def sample_next_token(logits, *, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Draws one token id per row of (B, V) logits. temperature 0 is greedy (argmax)."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        logits = keep_top_k(logits, top_k)
-    if top_p is not None:
-        logits = keep_top_p(logits, top_p)
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
-
-
-def keep_top_k(logits, k):
-    """Sets all but the k largest logits of each row to -inf (ties with the k-th are kept)."""
-    if k < 1:
-        raise ValueError(f"top_k must be >= 1, got {k}")
-    k = min(k, logits.size(-1))
-    kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
-    return logits.masked_fill(logits < kth_largest, float("-inf"))
-
-
-def keep_top_p(logits, p):
-    """Nucleus filter: keeps the smallest set of most likely tokens whose probability reaches p."""
-    if not 0.0 < p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {p}")
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = F.softmax(sorted_logits, dim=-1)
-    mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of the tokens ranked above
-    drop_sorted = mass_before >= p  # the top token has mass_before 0, so it always stays
-    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
-    return logits.masked_fill(drop, float("-inf"))
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """The language-model head and the mean cross-entropy in one pass: the CPU training loss.
-
-    Returns (logits, loss), the same as logits = x @ weight.T and F.cross_entropy(logits, targets)
-    (tests check both and their gradients). Why it exists: with GPT-2's vocabulary the logits of
-    one batch take hundreds of megabytes, far more than a CPU's caches, and reading them back for
-    the loss and again for its gradient is bound by memory bandwidth. Here the logits are made ROWS
-    rows at a time, and each group of SOFTMAX_ROWS rows is turned into its loss and the loss's
-    gradient while it is still in cache. That gradient is computed in the forward pass (it needs
-    the same softmax) and only scaled in the backward pass. Gradients that reach the returned logits
-    (when something besides the loss uses them) are handled too. On CUDA, and under torch.compile,
-    the fused kernels of F.cross_entropy are faster and are used instead.
-
-    Only the first vocab_size rows of weight are tokens: their logits beyond are -inf, so the padding
-    rows get zero probability and no gradient from the loss. Targets of -1 are ignored.
-    """
-
-    ROWS = 256  # rows per matrix product: enough for the products to run at full speed
-    SOFTMAX_ROWS = 16  # 16 x 50304 float32 values is 3 MB, within a core's share of cache
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, vocab_size):
-        ctx.set_materialize_grads(False)  # an unused output gets None in backward, not zeros
-        ctx.vocab_size = vocab_size
-        N, block_rows, softmax_rows = x.size(0), LinearCrossEntropy.ROWS, LinearCrossEntropy.SOFTMAX_ROWS
-        valid = targets >= 0
-        safe_targets = targets.clamp(min=0)
-        count = valid.sum()
-        # d loss / d logits = (softmax(logits) - one_hot(target)) / count, for valid rows only.
-        row_scale = valid.float() / count  # (N,)
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        logits = torch.empty(N, weight.size(0), dtype=x.dtype, device=x.device)  # (N, V)
-        if needs_grad:
-            grad_logits = torch.empty_like(logits)  # of the loss
-            grad_x = torch.empty_like(x)  # (N, C)
-        losses = torch.empty(N, dtype=torch.float32, device=x.device)
-        for start in range(0, N, block_rows):
-            block = slice(start, start + block_rows)
-            torch.mm(x[block], weight.t(), out=logits[block])
-            logits[block, vocab_size:] = float("-inf")
-            for offset in range(start, min(start + block_rows, N), softmax_rows):
-                rows = slice(offset, offset + softmax_rows)
-                z = logits[rows].to(torch.float32, copy=True)  # (SOFTMAX_ROWS, V), worked on in place
-                row_ids = torch.arange(z.size(0), device=x.device)
-                target_logits = z[row_ids, safe_targets[rows]]
-                row_max = z.amax(dim=1, keepdim=True)
-                z.sub_(row_max).exp_()  # exp(z - max), so that nothing overflows
-                row_sum = z.sum(dim=1, keepdim=True)
-                losses[rows] = (row_max + row_sum.log()).squeeze(1) - target_logits  # log-sum-exp - target
-                if needs_grad:
-                    z.mul_(row_scale[rows, None] / row_sum)  # softmax, scaled
-                    z[row_ids, safe_targets[rows]] -= row_scale[rows]
-                    grad_logits[rows] = z
-            if needs_grad:
-                torch.mm(grad_logits[block], weight, out=grad_x[block])
-        if needs_grad:
-            # d loss / dx and d loss / d weight, then what a gradient of the logits needs
-            ctx.save_for_backward(grad_x, grad_logits.t() @ x, x, weight)
-        return logits, (losses * valid).sum() / count
-
-    @staticmethod
-    def backward(ctx, grad_of_logits, grad_of_loss):
-        loss_grad_x, loss_grad_weight, x, weight = ctx.saved_tensors
-        grad_x = grad_weight = None
-        if grad_of_loss is not None:
-            scale = grad_of_loss.to(x.dtype)
-            grad_x, grad_weight = loss_grad_x * scale, loss_grad_weight * scale
-        if grad_of_logits is not None:  # the plain backward of logits = x @ weight.T
-            grad_of_logits = grad_of_logits.to(x.dtype, copy=True)
-            grad_of_logits[:, ctx.vocab_size :] = 0  # the padding logits are constants (-inf)
-            from_logits_x, from_logits_weight = grad_of_logits @ weight, grad_of_logits.t() @ x
-            grad_x = from_logits_x if grad_x is None else grad_x + from_logits_x
-            grad_weight = from_logits_weight if grad_weight is None else grad_weight + from_logits_weight
-        return grad_x, grad_weight, None, None
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -301,6 +196,9 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         # Weight tying: the head scores each token by its embedding (and saves V x C parameters).
         self.lm_head.weight = self.transformer.wte.weight
+        # The trainer sets this on a CPU: the head and the loss then run as one pass, equal in value
+        # (LinearCrossEntropy, after the model). It changes speed only, never the result.
+        self.fused_loss = False
         self.apply(self._init_weights)
         # GPT-2's scaling: each block adds two projections to the residual stream, so their initial
         # std is divided by sqrt(2 L) to keep the stream's variance from growing with depth.
@@ -332,13 +230,8 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
         x = self.transformer.ln_f(x)
-        if targets is not None and x.device.type == "cpu" and not torch.compiler.is_compiling():
-            # On a CPU the head and the loss are computed together (see LinearCrossEntropy), in the
-            # dtype autocast would pick for the head's matrix product (bf16 in mixed precision).
-            dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-            logits, loss = LinearCrossEntropy.apply(x.view(B * T, -1).to(dtype), self.lm_head.weight.to(dtype),
-                                                    targets.reshape(-1), self.config.vocab_size)
-            return logits.view(B, T, -1), loss
+        if targets is not None and self.fused_loss:
+            return fused_head_and_loss(x, self.lm_head.weight, targets, self.config.vocab_size)
         logits = self.lm_head(x)  # (B, T, V)
         # Padding rows are no tokens: -inf gives them zero probability in the loss and in sampling.
         logits[..., self.config.vocab_size :] = float("-inf")
@@ -455,6 +348,149 @@ class GPT(nn.Module):
         model = cls(config)
         model.load_state_dict(state_dict_from_hf(tensors, model), strict=True)
         return model
+
+# ---- The head and the loss in one pass: a CPU training speed-up ----
+
+
+def fused_head_and_loss(x, weight, targets, vocab_size):
+    """(logits (B, T, V), mean cross-entropy) of the final hidden states x (B, T, C), equal to the
+    plain head and F.cross_entropy of GPT.forward. In the dtype that autocast would pick for the
+    head's matrix product (bf16 in mixed precision). The gradient work is done only when a gradient
+    will be asked for: evaluation under torch.no_grad pays for the forward products alone."""
+    B, T, C = x.size()
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    x, weight = x.reshape(B * T, C).to(dtype), weight.to(dtype)  # (N, C), (V, C)
+    # Inside a Function's forward, grad mode is always off and needs_input_grad ignores torch.no_grad,
+    # so whether a gradient will be wanted is decided here, by the caller's grad mode.
+    wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    logits, loss = LinearCrossEntropy.apply(x, weight, targets.reshape(-1), vocab_size, wants_grad)
+    return logits.view(B, T, -1), loss
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """The language-model head and the mean cross-entropy in one pass: the CPU training loss.
+
+    Returns (logits, loss), the same as logits = x @ weight.T and F.cross_entropy(logits, targets)
+    (tests check both and their gradients). Why it exists: with GPT-2's vocabulary the logits of
+    one batch take hundreds of megabytes, far more than a CPU's caches, and reading them back for
+    the loss and again for its gradient is bound by memory bandwidth. Here the logits are made ROWS
+    rows at a time, and each group of SOFTMAX_ROWS rows is turned into its loss and the loss's
+    gradient while it is still in cache. That gradient is computed in the forward pass (it needs
+    the same softmax) and only scaled in the backward pass. Gradients that reach the returned logits
+    (when something besides the loss uses them) are handled too. On CUDA, and under torch.compile,
+    the fused kernels of F.cross_entropy are faster: the trainer leaves GPT.fused_loss off there.
+
+    Only the first vocab_size rows of weight are tokens: their logits beyond are -inf, so the padding
+    rows get zero probability and no gradient from the loss. Targets of -1 are ignored.
+    """
+
+    ROWS = 256  # rows per matrix product: enough for the products to run at full speed
+    SOFTMAX_ROWS = 16  # 16 x 50304 float32 values is 3 MB, within a core's share of cache
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, vocab_size, wants_grad):
+        ctx.set_materialize_grads(False)  # an unused output gets None in backward, not zeros
+        ctx.vocab_size = vocab_size
+        N, block_rows, softmax_rows = x.size(0), LinearCrossEntropy.ROWS, LinearCrossEntropy.SOFTMAX_ROWS
+        valid = targets >= 0
+        safe_targets = targets.clamp(min=0)
+        count = valid.sum()
+        # d loss / d logits = (softmax(logits) - one_hot(target)) / count, for valid rows only.
+        row_scale = valid.float() / count  # (N,)
+        needs_grad = wants_grad
+        logits = torch.empty(N, weight.size(0), dtype=x.dtype, device=x.device)  # (N, V)
+        if needs_grad:
+            grad_logits = torch.empty_like(logits)  # of the loss
+            grad_x = torch.empty_like(x)  # (N, C)
+        losses = torch.empty(N, dtype=torch.float32, device=x.device)
+        for start in range(0, N, block_rows):
+            block = slice(start, start + block_rows)
+            torch.mm(x[block], weight.t(), out=logits[block])
+            logits[block, vocab_size:] = float("-inf")
+            for offset in range(start, min(start + block_rows, N), softmax_rows):
+                rows = slice(offset, offset + softmax_rows)
+                z = logits[rows].to(torch.float32, copy=True)  # (SOFTMAX_ROWS, V), worked on in place
+                row_ids = torch.arange(z.size(0), device=x.device)
+                target_logits = z[row_ids, safe_targets[rows]]
+                row_max = z.amax(dim=1, keepdim=True)
+                z.sub_(row_max).exp_()  # exp(z - max), so that nothing overflows
+                row_sum = z.sum(dim=1, keepdim=True)
+                losses[rows] = (row_max + row_sum.log()).squeeze(1) - target_logits  # log-sum-exp - target
+                if needs_grad:
+                    z.mul_(row_scale[rows, None] / row_sum)  # softmax, scaled
+                    z[row_ids, safe_targets[rows]] -= row_scale[rows]
+                    grad_logits[rows] = z
+            if needs_grad:
+                torch.mm(grad_logits[block], weight, out=grad_x[block])
+        if needs_grad:
+            # d loss / dx and d loss / d weight, then what a gradient of the logits needs
+            ctx.save_for_backward(grad_x, grad_logits.t() @ x, x, weight)
+        return logits, (losses * valid).sum() / count
+
+    @staticmethod
+    def backward(ctx, grad_of_logits, grad_of_loss):
+        loss_grad_x, loss_grad_weight, x, weight = ctx.saved_tensors
+        grad_x = grad_weight = None
+        if grad_of_loss is not None:
+            scale = grad_of_loss.to(x.dtype)
+            grad_x, grad_weight = loss_grad_x * scale, loss_grad_weight * scale
+        if grad_of_logits is not None:  # the plain backward of logits = x @ weight.T
+            grad_of_logits = grad_of_logits.to(x.dtype, copy=True)
+            grad_of_logits[:, ctx.vocab_size :] = 0  # the padding logits are constants (-inf)
+            from_logits_x, from_logits_weight = grad_of_logits @ weight, grad_of_logits.t() @ x
+            grad_x = from_logits_x if grad_x is None else grad_x + from_logits_x
+            grad_weight = from_logits_weight if grad_weight is None else grad_weight + from_logits_weight
+        return grad_x, grad_weight, None, None, None
+
+
+# ---- Sampling: what generate draws the next token with ----
+
+
+def check_sampling(temperature, top_k, top_p):
+    """Refuses sampling settings that have no meaning, with a ValueError naming the setting."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def sample_next_token(logits, *, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Draws one token id per row of (B, V) logits. temperature 0 is greedy (argmax)."""
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        logits = keep_top_k(logits, top_k)
+    if top_p is not None:
+        logits = keep_top_p(logits, top_p)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def keep_top_k(logits, k):
+    """Sets all but the k largest logits of each row to -inf (ties with the k-th are kept)."""
+    k = min(k, logits.size(-1))
+    kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth_largest, float("-inf"))
+
+
+def keep_top_p(logits, p):
+    """Nucleus filter: keeps the smallest set of most likely tokens whose probability reaches p."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = F.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of the tokens ranked above
+    drop_sorted = mass_before >= p  # the top token has mass_before 0, so it always stays
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+# ---- Hugging Face GPT-2 layout: config.json + model.safetensors ----
+
+# nn.Linear weights that GPT-2 checkpoints store transposed, as Conv1D (in, out).
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def hf_config_dict(config):

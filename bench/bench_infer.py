@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from infer import generate_text, load_model, pick_device  # noqa: E402
+from common import pick_device  # noqa: E402
+from infer import generate_text, load_model  # noqa: E402
 from transformer import GPT, config_from_preset  # noqa: E402
 
 

@@ -1,9 +1,11 @@
 """Shared fixtures (the real offline Wikipedia sample, tokenised once per test session) and helpers
 that run the scripts as a user does."""
 
+import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -11,6 +13,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import gpt_dataset  # noqa: E402
+
+# Training flags for a model small enough that a step takes tens of milliseconds on a laptop CPU.
+FAST_TRAINING = ["--preset", "tiny", "--block-size", "32", "--batch-size", "4", "--eval-steps", "2",
+                 "--warmup-steps", "2", "--lr", "3e-3"]
 
 GENSIM_DUMP = ("gensim==4.4.0",
                "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
@@ -25,6 +31,46 @@ def script(name, *args):
 def run_script(name, args, cwd=ROOT, **kwargs):
     """Runs a script to its end, its output captured as text."""
     return subprocess.run(script(name, *args), capture_output=True, text=True, cwd=cwd, **kwargs)
+
+
+def wait_for_work(process, read_progress, count):
+    """Waits until `process` has done `count` more units of work, as `read_progress()` reports them
+    (articles read, steps logged: a number that grows, or None before there is any). Interruption
+    tests count work, not seconds, so that a slow or busy machine interrupts them just as often.
+    Returns False if the process ended first."""
+    last, seen = read_progress(), 0
+    while process.poll() is None:
+        now = read_progress()
+        if now is not None and (last is None or now > last):
+            last, seen = now, seen + 1
+            if seen >= count:
+                return True
+        time.sleep(0.002)
+    return False
+
+
+def articles_read(progress_path):
+    """How far gpt_dataset.py has got, by its progress record (written atomically after each shard)."""
+    def read():
+        try:
+            with open(progress_path) as f:
+                return json.load(f)["articles_read"]
+        except (OSError, ValueError, KeyError):
+            return None
+    return read
+
+
+def steps_logged(metrics_path):
+    """The last training step that gpt_train.py has logged to metrics.jsonl (one line per step)."""
+    def read():
+        try:
+            with open(metrics_path) as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return None
+        rows = [json.loads(line) for line in lines if line.endswith("}")]
+        return max((r["step"] for r in rows if "loss" in r), default=None)
+    return read
 
 
 def assert_one_clear_error(result, message):

@@ -12,19 +12,19 @@ import signal
 import subprocess
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import gpt_dataset
 import gpt_train
-from conftest import assert_one_clear_error, run_script, script
-from gpt_dataset import UsageError
-from infer import checkpoints_in
+from common import UsageError, checkpoints_in
+from conftest import (FAST_TRAINING, articles_read, assert_one_clear_error, run_script, script, steps_logged,
+                      wait_for_work)
 from transformer import GPT
 
-FAST = ["--preset", "tiny", "--block-size", "32", "--batch-size", "4", "--eval-steps", "2", "--sample-tokens", "0",
-        "--warmup-steps", "2", "--lr", "3e-3", "--dropout", "0.1"]
+FAST = [*FAST_TRAINING, "--sample-tokens", "0", "--dropout", "0.1"]
 
 
 def train_command(sample_dir, run, *extra):
@@ -35,17 +35,22 @@ def final_weights(run):
     return load_file(os.path.join(checkpoints_in(str(run))[-1], "model.safetensors"))
 
 
-def wait_for_progress(path, process, since, timeout=60):
-    """Waits until `process` has written to `path` (modified after `since`), or has ended."""
-    deadline = time.time() + timeout
-    while process.poll() is None and time.time() < deadline:
-        if os.path.exists(path) and os.path.getmtime(path) > since:
-            return
-        time.sleep(0.02)
+def restore(checkpoint):
+    """Loads a checkpoint as --resume does (model, optimizer, data position, RNG); returns its trainer state."""
+    model = GPT.from_pretrained(checkpoint)
+    optimizer = model.make_optimizer(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu")
+    windows = gpt_train.TokenWindows([np.zeros(1000, np.uint16)], 32, 4, seed=0)
+    rng = torch.get_rng_state()
+    try:
+        return gpt_train.restore_checkpoint(checkpoint, optimizer=optimizer, train_windows=windows, rank=0,
+                                            scaler=torch.amp.GradScaler("cuda", enabled=False),
+                                            device=torch.device("cpu"))
+    finally:
+        torch.set_rng_state(rng)
 
 
 def test_training_killed_20_times_resumes_to_bit_identical_weights(sample_dir, tmp_path):
-    """kill -9 at random moments, checkpoints written every step (so many kills land inside a write)."""
+    """kill -9 after a random number of steps, checkpoints written every step (so many kills land inside a write)."""
     args = ["--max-steps", "200", "--ckpt-interval", "1", "--eval-interval", "10", "--keep-last", "2"]
     reference = tmp_path / "reference"
     assert subprocess.run(train_command(sample_dir, reference, *args), capture_output=True).returncode == 0
@@ -55,20 +60,17 @@ def test_training_killed_20_times_resumes_to_bit_identical_weights(sample_dir, t
     kills = 0
     while kills < 20:
         resume = ["--resume"] if checkpoints_in(str(run)) else []
-        started = time.time()
         process = subprocess.Popen(train_command(sample_dir, run, *args, *resume),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_progress(run / "metrics.jsonl", process, started)
-        time.sleep(rng.uniform(0.0, 0.8))
-        if process.poll() is not None:
+        if not wait_for_work(process, steps_logged(run / "metrics.jsonl"), rng.randint(1, 5)):
             break  # finished before the kill (then the assertion below fails)
+        time.sleep(rng.uniform(0.0, 0.02))  # into the next checkpoint write or step, at a random point
         process.kill()
         process.wait()
         kills += 1
         newest = checkpoints_in(str(run))
         if newest:  # the newest complete checkpoint always loads, model and training state
-            GPT.from_pretrained(newest[-1])
-            gpt_train.load_training_state(newest[-1])
+            restore(newest[-1])
         for name in os.listdir(run):  # a partial write never carries a checkpoint's name
             if name.startswith("ckpt_"):
                 assert os.path.isfile(run / name / "trainer_state.json"), name
@@ -90,44 +92,38 @@ def test_signal_at_any_moment_leaves_a_complete_checkpoint(sample_dir, tmp_path,
     run = tmp_path / "run"
     process = subprocess.Popen(train_command(sample_dir, run, "--max-steps", "100000", *settings),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for_progress(run / "metrics.jsonl", process, 0)
-    time.sleep(random.Random(moment).uniform(0.3, 1.0))
-    sent = time.time()
+    assert wait_for_work(process, steps_logged(run / "metrics.jsonl"), random.Random(moment).randint(2, 6))
+    # Frozen at whatever it is doing, the run gets the signal: it must finish at most the step under way.
+    process.send_signal(signal.SIGSTOP)
+    steps_done = steps_logged(run / "metrics.jsonl")()
     process.send_signal(sig)
-    output, _ = process.communicate(timeout=60)
-    exit_seconds = time.time() - sent
+    process.send_signal(signal.SIGCONT)
+    output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output[-2000:]
     assert f"stopped by {sig.name}" in output
     newest = checkpoints_in(str(run))[-1]
-    state, _, _ = gpt_train.load_training_state(newest)
-    assert state["step"] == max(json.loads(line)["step"] for line in open(run / "metrics.jsonl"))
-    assert exit_seconds < 10  # one step of this model, plus an evaluation or a checkpoint at most
+    state = restore(newest)
+    assert state["step"] == steps_logged(run / "metrics.jsonl")() <= steps_done + 1
 
 
 def test_dataset_killed_20_times_rebuilds_identical_files(tmp_path):
-    args = script("gpt_dataset.py", "--source", "sample", "--shard-tokens", "4000", "--workers", "2",
-                  "--batch-chars", "5000")
+    args = script("gpt_dataset.py", "--source", "sample", "--shard-tokens", "1000", "--workers", "2",
+                  "--batch-chars", "5000")  # a thousand progress records: far more than 20 kills use up
     reference = tmp_path / "reference"
     assert subprocess.run(args + ["--out", str(reference)], capture_output=True).returncode == 0
     expected = {n: gpt_dataset.file_sha256(reference / n) for n in os.listdir(reference)}
 
     out = tmp_path / "killed"
-    progress = out / "progress.json"
     rng = random.Random(2)
     kills = 0
-    for _ in range(40):
+    for _ in range(20):
         process = subprocess.Popen(args + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        before = os.path.getmtime(progress) if progress.exists() else 0
-        while process.poll() is None and (not progress.exists() or os.path.getmtime(progress) == before):
-            time.sleep(0.005)  # let this run write a shard of its own before it dies
-        time.sleep(rng.uniform(0, 0.01))
-        if process.poll() is not None:
-            break
+        if not wait_for_work(process, articles_read(out / "progress.json"), rng.randint(1, 3)):
+            break  # this run wrote a shard of its own before it died, or it finished (then the assertion fails)
+        time.sleep(rng.uniform(0, 0.005))
         process.kill()
         process.wait()
         kills += 1
-        if kills == 20:
-            break
     assert kills == 20
     assert subprocess.run(args + ["--out", str(out)], capture_output=True).returncode == 0
     assert {n: gpt_dataset.file_sha256(out / n) for n in os.listdir(out)} == expected

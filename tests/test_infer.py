@@ -6,10 +6,12 @@ import pickle
 import pytest
 import torch
 
+import common
 import infer
 from conftest import assert_one_clear_error, run_script
-from gpt_dataset import UsageError, gpt2_tokenizer
-from transformer import GPT, CheckpointError, GPTConfig
+from common import CheckpointError, UsageError
+from gpt_dataset import gpt2_tokenizer
+from transformer import GPT, GPTConfig
 
 
 def save_tiny(directory, seed=0, block_size=64):
@@ -80,7 +82,7 @@ def test_run_directory_picks_the_best_checkpoint_and_default_picks_the_newest_ru
         save_tiny(runs / "old" / name)
         (runs / "old" / name / "trainer_state.json").write_text(f'{{"val_loss": {loss}}}')
     os.makedirs(runs / "old" / ".tmp_ckpt_0000040")  # a partial write is never chosen
-    assert infer.best_checkpoint(str(runs / "old")).endswith("ckpt_0000020")
+    assert common.best_checkpoint(str(runs / "old")).endswith("ckpt_0000020")
     save_tiny(runs / "new" / "ckpt_0000005")
     path, note = infer.resolve_checkpoint(None, str(runs))
     assert path.endswith(os.path.join("new", "ckpt_0000005")) and "newest run" in note

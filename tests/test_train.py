@@ -14,14 +14,12 @@ import torch
 from safetensors.torch import load_file
 
 import gpt_train
-from conftest import ROOT, assert_one_clear_error, run_script, script
-from gpt_dataset import UsageError
+from common import UsageError
+from conftest import FAST_TRAINING, ROOT, assert_one_clear_error, run_script, script
 from gpt_train import TokenWindows, lr_at
 from transformer import GPT
 
-# A model small enough that a step takes tens of milliseconds on a laptop CPU.
-FAST = ["--preset", "tiny", "--block-size", "32", "--batch-size", "4", "--eval-steps", "2", "--sample-tokens", "8",
-        "--warmup-steps", "2", "--lr", "3e-3"]
+FAST = [*FAST_TRAINING, "--sample-tokens", "8"]
 
 
 def train(sample_dir, out_dir, *extra):
@@ -193,7 +191,7 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(sample_dir, tmp_path, sig):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--preset", "gpt5"], "unknown --preset"),
+    (["--preset", "gpt5"], "unknown preset"),
     (["--data", "/nonexistent"], "does not exist"),
     (["--max-steps", "0"], "--max-steps must be at least 1"),
     (["--max-steps", "ten"], "invalid int value"),

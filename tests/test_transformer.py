@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from transformer import (GPT, CheckpointError, GPTConfig, LinearCrossEntropy, KVCache, config_from_preset,
+from common import CheckpointError
+from transformer import (GPT, GPTConfig, KVCache, LinearCrossEntropy, config_from_preset, fused_head_and_loss,
                          keep_top_k, keep_top_p, sample_next_token)
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32)
@@ -27,15 +28,13 @@ def test_logits_shape_and_initial_loss_near_uniform():
     assert abs(loss.item() - math.log(50257)) < 0.1
 
 
-@pytest.mark.parametrize("path", ["cpu", "cuda_or_compiled"])
-def test_training_loss_and_gradients_equal_cross_entropy_of_the_logits(path, monkeypatch):
-    if path == "cuda_or_compiled":  # the F.cross_entropy path that CUDA and torch.compile take
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+@pytest.mark.parametrize("fused_loss", [True, False])
+def test_training_loss_and_gradients_equal_cross_entropy_of_the_logits(fused_loss):
     idx, targets = torch.randint(0, 50257, (2, 12)), torch.randint(0, 50257, (2, 12))
     targets[0, :3] = -1
     fused, plain = tiny_model(), tiny_model()
+    fused.fused_loss = fused_loss  # True: the CPU trainer's path; False: the plain one of CUDA and torch.compile
     fused(idx, targets)[1].backward()
-    monkeypatch.undo()
     logits = plain(idx)[0]
     torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1).backward()
     for (name, a), b in zip(fused.named_parameters(), plain.parameters()):
@@ -89,7 +88,7 @@ def test_linear_cross_entropy_equals_pytorchs(dtype, monkeypatch):
 
     def loss_and_grads(x, weight, fused):
         if fused:
-            logits, loss = LinearCrossEntropy.apply(x, weight, targets, 990)
+            logits, loss = LinearCrossEntropy.apply(x, weight, targets, 990, True)
         else:
             logits = torch.cat([x @ weight.t()[:, :990], torch.full((100, 10), float("-inf"))], dim=1)
             loss = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-1)
@@ -111,8 +110,30 @@ def test_linear_cross_entropy_equals_pytorchs(dtype, monkeypatch):
         tolerance = 1e-5 * want.abs().max().item() if dtype == torch.float32 else 2e-2 * want.abs().max().item()
         torch.testing.assert_close(got.float(), want, rtol=0, atol=tolerance)
     assert torch.all(ours_grads[1][990:] == 0)  # padding rows are never predicted, so never pushed down
-    with torch.no_grad():  # evaluation: the same loss, and no gradient work
-        torch.testing.assert_close(LinearCrossEntropy.apply(ours_x, ours_w, targets, 990)[1], ours)
+    with torch.no_grad():  # evaluation: the same logits and loss, without the gradient work
+        no_grad_logits, no_grad_loss = fused_head_and_loss(ours_x[None], ours_w, targets[None], 990)
+    torch.testing.assert_close(no_grad_loss, ours, rtol=0, atol=0)
+    torch.testing.assert_close(no_grad_logits[0], logits, rtol=0, atol=0)
+
+
+def forward_flops(model, idx, targets):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(idx, targets)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("fused_loss", [True, False])
+def test_evaluation_does_no_gradient_work(fused_loss):
+    """Under torch.no_grad, the loss costs no more matrix products than the logits alone (the head's
+    gradient would add two products of the head's size: about 3x the FLOPs of the tiny preset)."""
+    model = GPT(config_from_preset("tiny"))
+    model.fused_loss = fused_loss
+    idx, targets = torch.randint(0, 50257, (4, 64)), torch.randint(0, 50257, (4, 64))
+    without_loss, with_loss = forward_flops(model, idx, None), forward_flops(model, idx, targets)
+    assert without_loss > 0 and with_loss <= 1.01 * without_loss
 
 
 def test_context_overflow_is_refused():
@@ -226,10 +247,8 @@ def test_impossible_configs_are_refused(bad):
 
 # ---- Hugging Face interoperability ----
 
-transformers = pytest.importorskip("transformers")
-
-
 def hf_model(seed=0):
+    transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
     config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=48, vocab_size=50257)
     return transformers.GPT2LMHeadModel(config).eval()
@@ -253,6 +272,7 @@ def test_loads_hugging_face_weights_with_equal_logits_and_greedy_tokens(tmp_path
 
 
 def test_hugging_face_loads_our_weights_with_equal_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
     ours = tiny_model(seed=3)
     ours.save_pretrained(tmp_path)
     theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
