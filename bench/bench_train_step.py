@@ -19,18 +19,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from common import pick_device  # noqa: E402
-from gpt_train import peak_flops, reuse_freed_memory  # noqa: E402
+from gpt_train import make_optimizers, peak_flops, reuse_freed_memory  # noqa: E402
 from transformer import GPT, config_from_preset  # noqa: E402
 
 CPU_CASES = [("small", 8, 256), ("gpt2", 1, 1024)]  # the sizes of the nanoGPT figures in docs/benchmarks.md
 
 
-def time_steps(preset, batch_size, block_size, dtype, compiled, device, warmup, steps):
+def time_steps(preset, batch_size, block_size, dtype, compiled, device, warmup, steps, optimizer="adamw"):
     """(tokens/s, MFU or None, peak memory GiB or None) of the training step."""
     torch.manual_seed(0)
     model = GPT(config_from_preset(preset, block_size=block_size)).to(device)
     model.fused_loss = device.type == "cpu" and not compiled  # as gpt_train.py chooses
-    optimizer = model.make_optimizer(lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), device_type=device.type)
+    optimizers = make_optimizers(model, name=optimizer, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95),
+                                 device_type=device.type)
     step_model = torch.compile(model) if compiled else model
     x = torch.randint(0, 50257, (batch_size, block_size), device=device)
     y = torch.randint(0, 50257, (batch_size, block_size), device=device)
@@ -41,8 +42,9 @@ def time_steps(preset, batch_size, block_size, dtype, compiled, device, warmup, 
             _, loss = step_model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     def sync():
         if device.type == "cuda":

@@ -3,6 +3,7 @@ that run the scripts as a user does."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -31,6 +32,13 @@ def script(name, *args):
 def run_script(name, args, cwd=ROOT, **kwargs):
     """Runs a script to its end, its output captured as text."""
     return subprocess.run(script(name, *args), capture_output=True, text=True, cwd=cwd, **kwargs)
+
+
+def as_from_a_shell():
+    """For Popen's preexec_fn: the child starts with Ctrl-C (SIGINT) deliverable and at its default, as
+    a shell starts a command, whatever the test process has blocked or ignored."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT, signal.SIGTERM])
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for_work(process, read_progress, count):

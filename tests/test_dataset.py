@@ -14,7 +14,7 @@ import pytest
 import gpt_dataset
 from common import DataError, UsageError
 from gpt_dataset import gpt2_tokenizer, load_manifest, open_shard, open_split
-from conftest import ROOT, articles_read, assert_one_clear_error, run_script, script, wait_for_work
+from conftest import ROOT, articles_read, as_from_a_shell, assert_one_clear_error, run_script, script, wait_for_work
 
 
 def decoded_documents(data_dir, split):
@@ -231,14 +231,18 @@ def test_killed_runs_resume_to_identical_output(tmp_path):
     interruptions = 0
     for attempt in range(10):
         with open(tmp_path / "stderr.txt", "w+") as stderr:
-            process = subprocess.Popen(script("gpt_dataset.py", *args, "--out", out),
-                                       cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+            process = subprocess.Popen(script("gpt_dataset.py", *args, "--out", out), cwd=ROOT,
+                                       stdout=subprocess.DEVNULL, stderr=stderr, preexec_fn=as_from_a_shell)
             if not wait_for_work(process, articles_read(os.path.join(out, "progress.json")), rng.randint(1, 3)):
                 stderr.seek(0)
                 assert process.returncode == 0, stderr.read()[-2000:]
                 break
-        process.send_signal(signal.SIGKILL if attempt % 2 == 0 else signal.SIGINT)
-        process.wait()
+            sig = signal.SIGKILL if attempt % 2 == 0 else signal.SIGINT
+            process.send_signal(sig)
+            process.wait()
+            stderr.seek(0)
+            # Ctrl-C ends the run with its own exit status (130) and one line, not by finishing the job.
+            assert process.returncode == (-9 if sig == signal.SIGKILL else 130), (process.returncode, stderr.read()[-2000:])
         interruptions += 1
     assert interruptions == 10
     assert run_script("gpt_dataset.py", args + ["--out", out]).returncode == 0

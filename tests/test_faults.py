@@ -38,11 +38,12 @@ def final_weights(run):
 def restore(checkpoint):
     """Loads a checkpoint as --resume does (model, optimizer, data position, RNG); returns its trainer state."""
     model = GPT.from_pretrained(checkpoint)
-    optimizer = model.make_optimizer(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu")
+    optimizers = gpt_train.make_optimizers(model, name="adamw", lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95),
+                                           device_type="cpu")
     windows = gpt_train.TokenWindows([np.zeros(1000, np.uint16)], 32, 4, seed=0)
     rng = torch.get_rng_state()
     try:
-        return gpt_train.restore_checkpoint(checkpoint, optimizer=optimizer, train_windows=windows, rank=0,
+        return gpt_train.restore_checkpoint(checkpoint, optimizers=optimizers, train_windows=windows, rank=0,
                                             scaler=torch.amp.GradScaler("cuda", enabled=False),
                                             device=torch.device("cpu"))
     finally:

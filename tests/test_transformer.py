@@ -230,14 +230,6 @@ def test_residual_projections_use_scaled_init():
     assert abs(model.transformer.h[0].attn.c_attn.weight.std().item() - 0.02) < 2e-4
 
 
-def test_optimizer_groups_decay_matrices_only():
-    model = tiny_model()
-    decay, no_decay = model.optimizer_groups(0.1)
-    assert all(p.dim() == 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
-    assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
-    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params()
-
-
 @pytest.mark.parametrize("bad", [dict(n_embd=30, n_head=4), dict(n_layer=0), dict(dropout=1.0),
                                  dict(attention="flash"), dict(padded_vocab_size=100)])
 def test_impossible_configs_are_refused(bad):
