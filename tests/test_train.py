@@ -17,7 +17,7 @@ import gpt_train
 from common import UsageError
 from conftest import FAST_TRAINING, ROOT, assert_one_clear_error, run_script, script
 from gpt_train import TokenWindows, lr_at
-from transformer import GPT
+from transformer import GPT, config_from_preset
 
 FAST = [*FAST_TRAINING, "--sample-tokens", "8"]
 
@@ -45,6 +45,37 @@ def test_lr_schedule_boundaries():
     rates = [lr_at(s, **kwargs) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(rates, rates[1:]))
     assert lr_at(0, max_lr=1.0, min_lr=0.0, warmup_steps=0, max_steps=10) == pytest.approx(1.0)
+
+
+def test_wsd_schedule_holds_the_peak_then_decays_linearly():
+    kwargs = dict(max_lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110, schedule="wsd", cooldown_frac=0.5)
+    assert lr_at(0, **kwargs) == pytest.approx(0.1)
+    assert [lr_at(s, **kwargs) for s in (10, 30, 55)] == [1.0, 1.0, 1.0]  # stable until the last 55 steps
+    assert lr_at(55 + 27.5, **kwargs) == pytest.approx(0.55)  # halfway down the straight line
+    assert lr_at(110, **kwargs) == pytest.approx(0.1) and lr_at(200, **kwargs) == pytest.approx(0.1)
+    rates = [lr_at(s, **kwargs) for s in range(55, 111)]
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    # a cooldown longer than what follows the warmup starts right after it
+    assert lr_at(10, **{**kwargs, "cooldown_frac": 1.0}) == pytest.approx(1.0)
+    assert lr_at(11, **{**kwargs, "cooldown_frac": 1.0}) < 1.0
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_optimizers_split_the_parameters(name):
+    model = GPT(config_from_preset("tiny"))
+    optimizers = gpt_train.make_optimizers(model, name=name, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95),
+                                           device_type="cpu")
+    groups = [(type(o).__name__, g) for o in optimizers for g in o.param_groups]
+    params = [p for _, g in groups for p in g["params"]]
+    assert len(params) == len({id(p) for p in params}) == len(list(model.parameters()))  # each exactly once
+    for kind, group in groups:
+        if kind == "Muon":  # the matrices inside the blocks, with decay
+            assert all(p.dim() == 2 and p.size(0) != 50304 for p in group["params"]) and group["weight_decay"] == 0.1
+        else:  # decay on matrices only
+            assert all((p.dim() == 2) == (group["weight_decay"] == 0.1) for p in group["params"])
+    embedding = model.transformer.wte.weight
+    assert [kind for kind, g in groups if any(p is embedding for p in g["params"])] == ["AdamW"]
+    assert [kind for kind, _ in groups].count("Muon") == (1 if name == "muon" else 0)
 
 
 def test_windows_span_shards_and_cover_each_epoch():
@@ -91,6 +122,22 @@ def test_end_to_end_run_learns_logs_plots_and_saves_loadable_checkpoints(sample_
         torch.testing.assert_close(hf(idx).logits, ours(idx)[0][..., :50257], rtol=1e-5, atol=1e-5)
 
 
+def test_the_result_is_the_loss_over_the_whole_validation_split(sample_dir, tmp_path):
+    run = tmp_path / "run"
+    train(sample_dir, run, "--max-steps", "3", "--dtype", "float32")
+    final = metrics(run)[-1]
+    val = np.concatenate(gpt_train.open_split(sample_dir, "val"))
+    windows = (len(val) - 1) // 32  # every non-overlapping window of the model's context, 32 tokens
+    assert final["whole_val_tokens"] == windows * 32
+    model = GPT.from_pretrained(str(run / "ckpt_0000003")).eval()  # computed again, one window at a time
+    with torch.no_grad():
+        losses = [model(torch.from_numpy(val[i * 32 : i * 32 + 32].astype(np.int64))[None],
+                        torch.from_numpy(val[i * 32 + 1 : i * 32 + 33].astype(np.int64))[None])[1].item()
+                  for i in range(windows)]
+    assert final["whole_val_loss"] == pytest.approx(np.mean(losses), rel=1e-5)
+    assert final["whole_val_loss"] != pytest.approx(final["val_loss"], rel=1e-4)  # not the fixed batches'
+
+
 RESUME = ["--max-steps", "8", "--ckpt-interval", "4", "--eval-interval", "4", "--dropout", "0.1", "--keep-last", "5"]
 
 
@@ -126,6 +173,34 @@ def test_resume_test_notices_a_state_left_unrestored(sample_dir, reference_run, 
     run = resume_from_step_4(sample_dir, reference_run, tmp_path)
     expected = [r["loss"] for r in metrics(reference_run) if "loss" in r and r["step"] > 4]
     assert [r["loss"] for r in metrics(run) if "loss" in r] != expected
+
+
+MUON = ["--optimizer", "muon", "--schedule", "wsd", "--cooldown-frac", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def muon_reference_run(sample_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("muon") / "run"
+    train(sample_dir, run, *RESUME, *MUON)
+    return run
+
+
+@pytest.mark.parametrize("forget_momentum", [False, True])
+def test_resume_with_muon_is_bit_identical(sample_dir, muon_reference_run, tmp_path, monkeypatch, forget_momentum):
+    saved = load_file(os.path.join(muon_reference_run, "ckpt_0000004", "optimizer.safetensors"))
+    assert any(k.startswith("opt1.") and k.endswith("momentum_buffer") for k in saved)  # Muon's state is kept
+    if forget_momentum:  # the test must notice a Muon state left unrestored
+        original = gpt_train.unflatten_optimizer_state
+        monkeypatch.setattr(gpt_train, "unflatten_optimizer_state",
+                            lambda t, meta, i: original(t, meta, i) if i == 0 else {**original(t, meta, i), "state": {}})
+    run = tmp_path / "resumed"
+    run.mkdir()
+    shutil.copytree(muon_reference_run / "ckpt_0000004", run / "ckpt_0000004")
+    train(sample_dir, run, *RESUME, *MUON, "--resume")
+    expected = [r["loss"] for r in metrics(muon_reference_run) if "loss" in r and r["step"] > 4]
+    assert ([r["loss"] for r in metrics(run) if "loss" in r] == expected) != forget_momentum
+    with pytest.raises(UsageError, match="trained with --optimizer muon"):
+        train(sample_dir, run, *RESUME, "--resume", "--max-steps", "9")
 
 
 def poison_training_losses(monkeypatch, poisoned_steps, value):
@@ -203,6 +278,9 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(sample_dir, tmp_path, sig):
     (["--tokens-per-step", "1000"], "must be a multiple"),
     (["--resume"], "holds no complete checkpoint"),
     (["--learning-rate", "1"], "unrecognized arguments"),
+    (["--optimizer", "sgd"], "--optimizer must be adamw or muon"),
+    (["--schedule", "linear"], "--schedule cosine or wsd"),
+    (["--cooldown-frac", "1.5"], "--cooldown-frac must be between 0 and 1"),
 ])
 def test_bad_input_gets_one_clear_line(sample_dir, tmp_path, args, message):
     result = run_script("gpt_train.py", ["--data", sample_dir, "--out-dir", str(tmp_path / "run"), *FAST, *args])
@@ -222,7 +300,8 @@ def test_a_finished_run_is_not_overwritten(sample_dir, tmp_path):
 def test_help_lists_the_knobs():
     result = run_script("gpt_train.py", ["--help"])
     assert result.returncode == 0
-    for flag in ("--preset", "--n-layer", "--tokens-per-step", "--min-lr", "--compile", "--no-compile",
+    for flag in ("--preset", "--n-layer", "--tokens-per-step", "--min-lr", "--compile", "--no-compile", "--optimizer",
+                 "--schedule", "--cooldown-frac", "--final-eval-tokens",
                  "--resume", "--init-from", "--keep-last", "--dtype", "--device", "--no-reuse-memory"):
         assert flag in result.stdout
 
