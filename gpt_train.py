@@ -57,23 +57,24 @@ class TrainConfig:
     block_size: int | None = None  # override the preset's context length (tokens)
     dropout: float | None = None  # override the preset's dropout (0 for pretraining)
     init_from: str | None = None  # start from a Hugging Face GPT-2 directory or hub name instead of random weights
-    max_steps: int = 560  # optimizer steps in the whole run
-    batch_size: int = 8  # sequences per micro-batch per process
+    max_steps: int = 1100  # optimizer steps in the whole run
+    batch_size: int = 16  # sequences per micro-batch per process
     tokens_per_step: int | None = None  # tokens per optimizer step over all processes; sets accumulation
-    optimizer: str = "adamw"  # adamw, or muon: Muon for the blocks' matrices and AdamW for the rest
-    lr: float = 2e-3  # peak learning rate, reached after warmup (Muon's is scaled to match AdamW's update size)
+    optimizer: str = "muon"  # muon: Muon for the blocks' matrices and AdamW for the rest; or adamw for all
+    lr: float = 8e-3  # peak learning rate, reached after warmup (Muon's is scaled to match AdamW's update size)
     min_lr: float | None = None  # final learning rate of the decay; default lr / 10
-    schedule: str = "cosine"  # after warmup: cosine (decay all along) or wsd (constant, then a linear decay)
+    schedule: str = "wsd"  # after warmup: wsd (constant, then a linear decay) or cosine (decay all along)
     cooldown_frac: float = 0.3  # wsd: share of the steps spent decaying to min_lr
     warmup_steps: int = 30  # linear warmup from lr / warmup_steps to lr
     weight_decay: float = 0.1  # decay on matrices (decoupled, as in AdamW)
     beta1: float = 0.9  # AdamW momentum
-    beta2: float = 0.95  # AdamW second-moment decay; 0.95 is steadier than 0.999 for LMs
+    beta2: float = 0.99  # AdamW second-moment decay: 0.99 averages more batches, which small batches need
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables
-    eval_interval: int = 140  # steps between validation runs (and text samples)
+    eval_interval: int = 275  # steps between validation runs (and text samples)
     eval_steps: int = 20  # validation batches per evaluation (fixed batches, the same every time)
     final_eval_tokens: int = 10_000_000  # the last evaluation reads the whole validation split, up to this
-    ckpt_interval: int = 200  # steps between checkpoints; the last step always gets one
+    mask_documents: bool = False  # training attends within each article of a window only; evaluation never masks
+    ckpt_interval: int = 550  # steps between checkpoints; the last step always gets one
     keep_last: int = 2  # newest checkpoints kept, besides the best by validation loss
     sample_tokens: int = 48  # tokens in the text sample printed at each evaluation; 0 disables
     compile: bool | None = None  # torch.compile the model; default on for CUDA
@@ -628,7 +629,7 @@ def evaluate(model, val_windows, eval_steps, autocast, device, world_size):
 
 
 def train_step(model, raw_model, optimizers, scaler, train_windows, *, accumulation, autocast, lr, grad_clip,
-               device, world_size):
+               device, world_size, mask_documents):
     """One optimizer step; returns (mean loss, gradient norm before clipping, whether it was applied)."""
     loss_sum = torch.zeros((), device=device)
     for micro in range(accumulation):
@@ -636,7 +637,7 @@ def train_step(model, raw_model, optimizers, scaler, train_windows, *, accumulat
         # Gradients are all-reduced across processes only on the last micro-batch.
         sync = world_size == 1 or micro == accumulation - 1
         with (nullcontext() if sync else model.no_sync()), autocast:
-            _, loss = model(x, y)
+            _, loss = model(x, y, mask_documents=mask_documents)
             # The loss is a mean over tokens; dividing by the micro-batch count makes the summed
             # gradients the mean over the whole step, as if it were one large batch.
             loss = loss / accumulation
@@ -742,11 +743,28 @@ def start_logging(master):
 
 
 def refuse_more_bad_steps(step, bad_steps, loss, norm, config):
-    """Warns of a skipped update; after --max-bad-steps of them in a row, stops the run."""
+    """Warns of a skipped update and returns the count of them in a row; at --max-bad-steps, stops the run."""
     logger.warning(f"step {step}: non-finite loss {loss} or gradient norm {norm}; update skipped ({bad_steps} in a row)")
     if bad_steps >= config.max_bad_steps:
         raise UsageError(f"{bad_steps} non-finite steps in a row at step {step}: training stopped, the last "
                          f"checkpoint in {config.out_dir} is intact; lower --lr or check the data")
+    return bad_steps
+
+
+def save_and_prune(run_dir, step, **state):
+    """A checkpoint of this step, then only the newest --keep-last and the best are kept."""
+    path = save_checkpoint(run_dir, step, **state)
+    prune_checkpoints(run_dir, state["config"].keep_last)
+    logger.info(f"saved {path}")
+
+
+def log_end(step, stopped_by, whole, metrics_path, run_dir):
+    plot_metrics(metrics_path, os.path.join(run_dir, "plots.png"))
+    if stopped_by:
+        logger.info(f"stopped by {stopped_by} at step {step}; continue with the same command and --resume")
+    else:
+        result = f"{whole[0]:.4f} over the whole validation split" if whole else "not measured (--final-eval-tokens 0)"
+        logger.info(f"done: {step} steps, val loss {result}; plots in {run_dir}/plots.png")
 
 
 def synchronized_clock(device):
@@ -806,7 +824,7 @@ def main(argv=None):
             if (step % config.eval_interval == 0 or last) and not stop_now:
                 last_val, val_step = evaluate(model, val_windows, config.eval_steps, autocast, device, world_size), step
                 best_val = last_val if best_val is None else min(best_val, last_val)
-                if last and config.final_eval_tokens:
+                if last and config.final_eval_tokens:  # the run's result: every window of the split
                     whole = evaluate_whole_split(eval_model, val_shards, block_size=T, batch_size=B, autocast=autocast,
                                                  max_tokens=config.final_eval_tokens, device=device, rank=rank,
                                                  world_size=world_size)
@@ -816,11 +834,9 @@ def main(argv=None):
             if (step % config.ckpt_interval == 0 and step > start_step) or last or stop_now:
                 rng = all_rng_states(device, world_size)  # every process takes part in gathering them
                 if master:
-                    path = save_checkpoint(run_dir, step, model=raw_model, optimizers=optimizers, scaler=scaler,
-                                           train_windows=train_windows, rng=rng, config=config,
-                                           val_loss=last_val if val_step == step else None, best_val_loss=best_val)
-                    prune_checkpoints(run_dir, config.keep_last)
-                    logger.info(f"saved {path}")
+                    save_and_prune(run_dir, step, model=raw_model, optimizers=optimizers, scaler=scaler, rng=rng,
+                                   train_windows=train_windows, config=config, best_val_loss=best_val,
+                                   val_loss=last_val if val_step == step else None)
             if last or stop_now:
                 break
 
@@ -829,24 +845,19 @@ def main(argv=None):
                        max_steps=config.max_steps, schedule=config.schedule, cooldown_frac=config.cooldown_frac)
             loss, norm, applied = train_step(model, raw_model, optimizers, scaler, train_windows, lr=lr,
                                              accumulation=accumulation, autocast=autocast,
-                                             grad_clip=config.grad_clip, device=device, world_size=world_size)
+                                             grad_clip=config.grad_clip, device=device, world_size=world_size,
+                                             mask_documents=config.mask_documents)
             elapsed = synchronized_clock(device) - started
             step += 1
-            bad_steps = 0 if applied else bad_steps + 1
-            if not applied:
-                refuse_more_bad_steps(step, bad_steps, loss, norm, config)
-                continue
-            step_times.append(elapsed)
-            if master:
+            bad_steps = 0 if applied else refuse_more_bad_steps(step, bad_steps + 1, loss, norm, config)
+            step_times += [elapsed] if applied else []
+            if master and applied:
                 log_step(step, config, loss=loss, lr=lr, norm=norm, elapsed=elapsed, step_times=step_times,
                          flops_per_token=flops_per_token, peak=peak, device=device, world_size=world_size,
                          metrics_path=metrics_path)
 
         if master:
-            plot_metrics(metrics_path, os.path.join(run_dir, "plots.png"))
-            logger.info(f"stopped by {stop.received} at step {step}; continue with the same command and --resume"
-                        if stop_now else f"done: {step} steps, val loss over the whole validation split "
-                        + (f"{whole[0]:.4f}" if whole else "not measured") + f"; plots in {run_dir}/plots.png")
+            log_end(step, stop.received if stop_now else None, whole, metrics_path, run_dir)
     finally:
         stop.restore()
         if world_size > 1:

@@ -69,7 +69,7 @@ class GPTConfig:
 # Sizes of the four GPT-2 releases, plus small models that train on a laptop CPU.
 PRESETS = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),  # trains in seconds; used by the tests
-    "mini": dict(n_layer=4, n_head=4, n_embd=256, block_size=256),  # the CPU quickstart
+    "mini": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),  # the CPU quickstart (docs/benchmarks.md)
     "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),  # a larger CPU or small-GPU model
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
@@ -106,6 +106,17 @@ class KVCache:
 def causal_mask(T, past, device):
     """(T, past + T) booleans: query i, at absolute position past + i, may see keys 0 .. past + i."""
     return torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)
+
+
+def document_mask(idx):
+    """(B, 1, T, T) booleans for a training window of several articles: causal, and a token sees only
+    the tokens of its own article (each starts with <|endoftext|>), not the end of the one before."""
+    B, T = idx.size()
+    article = (idx == EOT_TOKEN).cumsum(dim=1)  # (B, T): which article of the window each token is in
+    same_article = article[:, :, None] == article[:, None, :]  # (B, T, T)
+    return (same_article & causal_mask(T, 0, idx.device))[:, None]  # (B, 1, T, T), one mask for all heads
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -117,7 +128,9 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cache=None, layer=0):
+    def forward(self, x, cache=None, layer=0, mask=None):
+        """mask: None for plain causal attention, or (B, 1, T, T) booleans, True where a query may see
+        a key (document_mask); not combined with a cache."""
         B, T, C = x.size()
         nh, hs = self.n_head, C // self.n_head
         q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
@@ -136,7 +149,9 @@ class CausalSelfAttention(nn.Module):
             # Without past keys the mask is the plain causal triangle, which the fused kernels apply
             # themselves; one new query may see every cached key; only a chunk after a cache needs a mask.
             dropout_p = self.dropout if self.training else 0.0
-            if past == 0:
+            if mask is not None:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            elif past == 0:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
             elif T == 1:
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
@@ -145,7 +160,8 @@ class CausalSelfAttention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         else:
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, past + T)
-            scores = scores.masked_fill(~causal_mask(T, past, x.device), float("-inf"))
+            allowed = causal_mask(T, past, x.device) if mask is None else mask
+            scores = scores.masked_fill(~allowed, float("-inf"))
             weights = self.attn_dropout(F.softmax(scores.float(), dim=-1).to(q.dtype))
             y = weights @ v  # (B, nh, T, hs)
 
@@ -175,8 +191,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x, cache=None, layer=0, mask=None):
+        x = x + self.attn(self.ln_1(x), cache, layer, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -213,11 +229,12 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx, targets=None, cache=None):
+    def forward(self, idx, targets=None, cache=None, mask_documents=False):
         """Logits (B, T, V) for every position, and the mean cross-entropy when targets are given.
 
         idx and targets are (B, T) token ids; targets of -1 are ignored. With a KVCache, idx holds only
-        the new tokens: they attend to the cached ones and are appended to the cache.
+        the new tokens: they attend to the cached ones and are appended to the cache. mask_documents
+        (a training option) keeps attention within each article of the window (document_mask).
         """
         B, T = idx.size()
         past = cache.length if cache is not None else 0
@@ -225,8 +242,9 @@ class GPT(nn.Module):
             raise ValueError(f"{past + T} positions exceed the context of {self.config.block_size}")
         pos = torch.arange(past, past + T, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        mask = document_mask(idx) if mask_documents else None
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, cache, layer)
+            x = block(x, cache, layer, mask)
         if cache is not None:
             cache.length += T
         x = self.transformer.ln_f(x)

@@ -38,7 +38,9 @@ def final_weights(run):
 def restore(checkpoint):
     """Loads a checkpoint as --resume does (model, optimizer, data position, RNG); returns its trainer state."""
     model = GPT.from_pretrained(checkpoint)
-    optimizers = gpt_train.make_optimizers(model, name="adamw", lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95),
+    with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+        name = json.load(f)["train_config"]["optimizer"]
+    optimizers = gpt_train.make_optimizers(model, name=name, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95),
                                            device_type="cpu")
     windows = gpt_train.TokenWindows([np.zeros(1000, np.uint16)], 32, 4, seed=0)
     rng = torch.get_rng_state()

@@ -138,6 +138,14 @@ def test_the_result_is_the_loss_over_the_whole_validation_split(sample_dir, tmp_
     assert final["whole_val_loss"] != pytest.approx(final["val_loss"], rel=1e-4)  # not the fixed batches'
 
 
+def test_masked_documents_change_training_but_not_evaluation(sample_dir, tmp_path):
+    train(sample_dir, tmp_path / "plain", "--max-steps", "2", "--dtype", "float32")
+    train(sample_dir, tmp_path / "masked", "--max-steps", "2", "--dtype", "float32", "--mask-documents")
+    plain, masked = metrics(tmp_path / "plain"), metrics(tmp_path / "masked")
+    assert plain[0]["step"] == masked[0]["step"] == 0 and plain[0]["val_loss"] == masked[0]["val_loss"]
+    assert plain[1]["loss"] != masked[1]["loss"]  # the first training step already sees other attention
+
+
 RESUME = ["--max-steps", "8", "--ckpt-interval", "4", "--eval-interval", "4", "--dropout", "0.1", "--keep-last", "5"]
 
 
@@ -200,7 +208,7 @@ def test_resume_with_muon_is_bit_identical(sample_dir, muon_reference_run, tmp_p
     expected = [r["loss"] for r in metrics(muon_reference_run) if "loss" in r and r["step"] > 4]
     assert ([r["loss"] for r in metrics(run) if "loss" in r] == expected) != forget_momentum
     with pytest.raises(UsageError, match="trained with --optimizer muon"):
-        train(sample_dir, run, *RESUME, "--resume", "--max-steps", "9")
+        train(sample_dir, run, *RESUME, "--resume", "--max-steps", "9", "--optimizer", "adamw")
 
 
 def poison_training_losses(monkeypatch, poisoned_steps, value):
@@ -208,8 +216,8 @@ def poison_training_losses(monkeypatch, poisoned_steps, value):
     original = GPT.forward
     calls = {"n": 0}
 
-    def poisoned(self, idx, targets=None, cache=None):
-        logits, loss = original(self, idx, targets, cache)
+    def poisoned(self, idx, targets=None, cache=None, **options):
+        logits, loss = original(self, idx, targets, cache, **options)
         if targets is not None and self.training:
             calls["n"] += 1
             if calls["n"] in poisoned_steps:
@@ -301,7 +309,7 @@ def test_help_lists_the_knobs():
     result = run_script("gpt_train.py", ["--help"])
     assert result.returncode == 0
     for flag in ("--preset", "--n-layer", "--tokens-per-step", "--min-lr", "--compile", "--no-compile", "--optimizer",
-                 "--schedule", "--cooldown-frac", "--final-eval-tokens",
+                 "--schedule", "--cooldown-frac", "--final-eval-tokens", "--mask-documents",
                  "--resume", "--init-from", "--keep-last", "--dtype", "--device", "--no-reuse-memory"):
         assert flag in result.stdout
 

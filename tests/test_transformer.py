@@ -65,6 +65,22 @@ def test_sdpa_and_manual_attention_agree():
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "manual"])
+def test_masked_documents_do_not_see_each_other(attention):
+    model = tiny_model(attention=attention)
+    idx = torch.randint(0, 50256, (2, 24))
+    idx[:, 0], idx[:, 10] = 50256, 50256  # two articles: tokens 0-9 and 10-23
+    changed = idx.clone()
+    changed[:, 3] = (idx[:, 3] + 1) % 50256  # a token of the first article
+    masked, masked_changed = model(idx, mask_documents=True)[0], model(changed, mask_documents=True)[0]
+    torch.testing.assert_close(masked[:, 10:], masked_changed[:, 10:], rtol=0, atol=0)  # the second cannot see it
+    assert not torch.allclose(masked[:, 3:10], masked_changed[:, 3:10])
+    assert not torch.allclose(model(idx)[0][:, 10:], model(changed)[0][:, 10:])  # without the mask it can
+    torch.testing.assert_close(masked[:, :10], model(idx)[0][:, :10])  # the first article sees the same either way
+    other = tiny_model(attention="manual" if attention == "sdpa" else "sdpa")
+    torch.testing.assert_close(other(idx, mask_documents=True)[0], masked, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "manual"])
 def test_kv_cache_decoding_equals_full_recompute(attention):
     model = tiny_model(attention=attention)
     idx = torch.randint(0, 50257, (2, 24))
