@@ -316,7 +316,10 @@ def test_help_lists_the_knobs():
 
 def test_two_processes_match_one_with_the_same_global_batch(sample_dir, tmp_path):
     """torchrun with 2 CPU processes (gloo) against 1 process accumulating 2 micro-batches."""
+    # AdamW: Muon's Newton-Schulz iterations amplify the last-bit differences between one summed and two
+    # averaged gradients beyond this test's tolerance, which is about the gradients, not the optimizer.
     common = ["--data", sample_dir, *FAST, "--max-steps", "6", "--eval-interval", "3", "--dtype", "float32",
+              "--optimizer", "adamw",
               "--tokens-per-step", str(2 * 4 * 32)]
     single = run_script("gpt_train.py", common + ["--out-dir", str(tmp_path / "one")])
     assert single.returncode == 0, single.stderr
