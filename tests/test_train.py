@@ -1,5 +1,6 @@
 """gpt_train.py: schedule, data windows, an end-to-end run, exact resume, signals, NaNs, DDP, bad input."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -136,6 +137,10 @@ def test_the_result_is_the_loss_over_the_whole_validation_split(sample_dir, tmp_
                   for i in range(windows)]
     assert final["whole_val_loss"] == pytest.approx(np.mean(losses), rel=1e-5)
     assert final["whole_val_loss"] != pytest.approx(final["val_loss"], rel=1e-4)  # not the fixed batches'
+    capped = gpt_train.evaluate_whole_split(model, gpt_train.open_split(sample_dir, "val"), block_size=32,
+                                            batch_size=4, max_tokens=10 * 32, autocast=contextlib.nullcontext(),
+                                            device=torch.device("cpu"), rank=0, world_size=1)
+    assert capped == (pytest.approx(np.mean(losses[:10]), rel=1e-5), 10 * 32)  # --final-eval-tokens: the first windows
 
 
 def test_masked_documents_change_training_but_not_evaluation(sample_dir, tmp_path):
