@@ -129,7 +129,8 @@ def make_optimizers(model, *, name, lr, weight_decay, betas, device_type):
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     hidden = [p for n, p in named if name == "muon" and p.dim() == 2 and n.startswith("transformer.h.")]
-    rest = [p for _, p in named if not any(p is h for h in hidden)]
+    hidden_ids = {id(p) for p in hidden}
+    rest = [p for _, p in named if id(p) not in hidden_ids]
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     optimizers = [torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ("cuda", "cpu"))]
