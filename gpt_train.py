@@ -75,6 +75,7 @@ class TrainConfig:
     eval_steps: int = 20  # validation batches per evaluation (fixed batches, the same every time)
     final_eval_tokens: int = 10_000_000  # the last evaluation reads the whole validation split, up to this
     mask_documents: bool = False  # training attends within each article of a window only; evaluation never masks
+    z_loss: float = 0.0  # training adds this x log(Z)^2 per token (Z: softmax normaliser) to the logged loss; 0 off
     ckpt_interval: int = 550  # steps between checkpoints; the last step always gets one
     keep_last: int = 2  # newest checkpoints kept, besides the best by validation loss
     sample_tokens: int = 48  # tokens in the text sample printed at each evaluation; 0 disables
@@ -430,8 +431,8 @@ def resolve_config(config, world_size):
     if config.optimizer not in ("adamw", "muon") or config.schedule not in ("cosine", "wsd"):
         raise UsageError(f"--optimizer must be adamw or muon and --schedule cosine or wsd, got "
                          f"{config.optimizer!r} and {config.schedule!r}")
-    if not 0 <= config.cooldown_frac <= 1 or config.final_eval_tokens < 0:
-        raise UsageError("--cooldown-frac must be between 0 and 1 and --final-eval-tokens >= 0")
+    if not 0 <= config.cooldown_frac <= 1 or config.final_eval_tokens < 0 or config.z_loss < 0:
+        raise UsageError("--cooldown-frac must be between 0 and 1; --final-eval-tokens and --z-loss >= 0")
     config.min_lr = config.lr / 10 if config.min_lr is None else config.min_lr
     if not 0 <= config.min_lr <= config.lr:
         raise UsageError(f"--min-lr must be between 0 and --lr, got {config.min_lr}")
@@ -631,7 +632,7 @@ def evaluate(model, val_windows, eval_steps, autocast, device, world_size):
 
 
 def train_step(model, raw_model, optimizers, scaler, train_windows, *, accumulation, autocast, lr, grad_clip,
-               device, world_size, mask_documents):
+               device, world_size, mask_documents, z_loss):
     """One optimizer step; returns (mean loss, gradient norm before clipping, whether it was applied)."""
     loss_sum = torch.zeros((), device=device)
     for micro in range(accumulation):
@@ -639,7 +640,7 @@ def train_step(model, raw_model, optimizers, scaler, train_windows, *, accumulat
         # Gradients are all-reduced across processes only on the last micro-batch.
         sync = world_size == 1 or micro == accumulation - 1
         with (nullcontext() if sync else model.no_sync()), autocast:
-            _, loss = model(x, y, mask_documents=mask_documents)
+            _, loss = model(x, y, mask_documents=mask_documents, z_loss=z_loss)
             # The loss is a mean over tokens; dividing by the micro-batch count makes the summed
             # gradients the mean over the whole step, as if it were one large batch.
             loss = loss / accumulation
@@ -848,7 +849,7 @@ def main(argv=None):
             loss, norm, applied = train_step(model, raw_model, optimizers, scaler, train_windows, lr=lr,
                                              accumulation=accumulation, autocast=autocast,
                                              grad_clip=config.grad_clip, device=device, world_size=world_size,
-                                             mask_documents=config.mask_documents)
+                                             mask_documents=config.mask_documents, z_loss=config.z_loss)
             elapsed = synchronized_clock(device) - started
             step += 1
             bad_steps = 0 if applied else refuse_more_bad_steps(step, bad_steps + 1, loss, norm, config)

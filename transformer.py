@@ -229,12 +229,14 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx, targets=None, cache=None, mask_documents=False):
+    def forward(self, idx, targets=None, cache=None, mask_documents=False, z_loss=0.0):
         """Logits (B, T, V) for every position, and the mean cross-entropy when targets are given.
 
         idx and targets are (B, T) token ids; targets of -1 are ignored. With a KVCache, idx holds only
         the new tokens: they attend to the cached ones and are appended to the cache. mask_documents
         (a training option) keeps attention within each article of the window (document_mask).
+        z_loss (a training option) adds z_loss * log(Z)^2 per token, Z the softmax's normaliser: it
+        keeps the logits from drifting upwards together, which lets higher learning rates stay stable.
         """
         B, T = idx.size()
         past = cache.length if cache is not None else 0
@@ -249,13 +251,16 @@ class GPT(nn.Module):
             cache.length += T
         x = self.transformer.ln_f(x)
         if targets is not None and self.fused_loss:
-            return fused_head_and_loss(x, self.lm_head.weight, targets, self.config.vocab_size)
+            return fused_head_and_loss(x, self.lm_head.weight, targets, self.config.vocab_size, z_loss)
         logits = self.lm_head(x)  # (B, T, V)
         # Padding rows are no tokens: -inf gives them zero probability in the loss and in sampling.
         logits[..., self.config.vocab_size :] = float("-inf")
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            if z_loss:
+                log_z = logits.float().logsumexp(dim=-1)[targets >= 0]  # (tokens with a target,)
+                loss = loss + z_loss * log_z.square().mean()
         return logits, loss
 
     @torch.no_grad()
@@ -355,9 +360,9 @@ class GPT(nn.Module):
 # ---- The head and the loss in one pass: a CPU training speed-up ----
 
 
-def fused_head_and_loss(x, weight, targets, vocab_size):
-    """(logits (B, T, V), mean cross-entropy) of the final hidden states x (B, T, C), equal to the
-    plain head and F.cross_entropy of GPT.forward. In the dtype that autocast would pick for the
+def fused_head_and_loss(x, weight, targets, vocab_size, z_loss=0.0):
+    """(logits (B, T, V), mean cross-entropy plus z_loss * log(Z)^2) of the final hidden states
+    x (B, T, C), equal to the plain head and loss of GPT.forward. In the dtype that autocast would pick for the
     head's matrix product (bf16 in mixed precision). The gradient work is done only when a gradient
     will be asked for: evaluation under torch.no_grad pays for the forward products alone."""
     B, T, C = x.size()
@@ -366,15 +371,16 @@ def fused_head_and_loss(x, weight, targets, vocab_size):
     # Inside a Function's forward, grad mode is always off and needs_input_grad ignores torch.no_grad,
     # so whether a gradient will be wanted is decided here, by the caller's grad mode.
     wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    logits, loss = LinearCrossEntropy.apply(x, weight, targets.reshape(-1), vocab_size, wants_grad)
+    logits, loss = LinearCrossEntropy.apply(x, weight, targets.reshape(-1), vocab_size, z_loss, wants_grad)
     return logits.view(B, T, -1), loss
 
 
 class LinearCrossEntropy(torch.autograd.Function):
     """The language-model head and the mean cross-entropy in one pass: the CPU training loss.
 
-    Returns (logits, loss), the same as logits = x @ weight.T and F.cross_entropy(logits, targets)
-    (tests check both and their gradients). Why it exists: with GPT-2's vocabulary the logits of
+    Returns (logits, loss), the same as logits = x @ weight.T and F.cross_entropy(logits, targets),
+    plus z_loss times the mean squared log-normaliser when z_loss > 0 (tests check both and their
+    gradients). Why it exists: with GPT-2's vocabulary the logits of
     one batch take hundreds of megabytes, far more than a CPU's caches, and reading them back for
     the loss and again for its gradient is bound by memory bandwidth. Here the logits are made ROWS
     rows at a time, and each group of SOFTMAX_ROWS rows is turned into its loss and the loss's
@@ -391,14 +397,15 @@ class LinearCrossEntropy(torch.autograd.Function):
     SOFTMAX_ROWS = 16  # 16 x 50304 float32 values is 3 MB, within a core's share of cache
 
     @staticmethod
-    def forward(ctx, x, weight, targets, vocab_size, wants_grad):
+    def forward(ctx, x, weight, targets, vocab_size, z_loss, wants_grad):
         ctx.set_materialize_grads(False)  # an unused output gets None in backward, not zeros
         ctx.vocab_size = vocab_size
         N, block_rows, softmax_rows = x.size(0), LinearCrossEntropy.ROWS, LinearCrossEntropy.SOFTMAX_ROWS
         valid = targets >= 0
         safe_targets = targets.clamp(min=0)
         count = valid.sum()
-        # d loss / d logits = (softmax(logits) - one_hot(target)) / count, for valid rows only.
+        # d loss / d logits = (softmax(logits) * (1 + 2 z_loss log Z) - one_hot(target)) / count, for
+        # valid rows only: the z-loss z_loss * (log Z)^2 has the gradient 2 z_loss log Z * softmax.
         row_scale = valid.float() / count  # (N,)
         needs_grad = wants_grad
         logits = torch.empty(N, weight.size(0), dtype=x.dtype, device=x.device)  # (N, V)
@@ -418,9 +425,10 @@ class LinearCrossEntropy(torch.autograd.Function):
                 row_max = z.amax(dim=1, keepdim=True)
                 z.sub_(row_max).exp_()  # exp(z - max), so that nothing overflows
                 row_sum = z.sum(dim=1, keepdim=True)
-                losses[rows] = (row_max + row_sum.log()).squeeze(1) - target_logits  # log-sum-exp - target
+                log_z = row_max + row_sum.log()  # (SOFTMAX_ROWS, 1), the log-sum-exp
+                losses[rows] = log_z.squeeze(1) - target_logits + z_loss * log_z.squeeze(1).square()
                 if needs_grad:
-                    z.mul_(row_scale[rows, None] / row_sum)  # softmax, scaled
+                    z.mul_(row_scale[rows, None] * (1 + 2 * z_loss * log_z) / row_sum)  # softmax, scaled
                     z[row_ids, safe_targets[rows]] -= row_scale[rows]
                     grad_logits[rows] = z
             if needs_grad:
@@ -443,7 +451,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             from_logits_x, from_logits_weight = grad_of_logits @ weight, grad_of_logits.t() @ x
             grad_x = from_logits_x if grad_x is None else grad_x + from_logits_x
             grad_weight = from_logits_weight if grad_weight is None else grad_weight + from_logits_weight
-        return grad_x, grad_weight, None, None, None
+        return grad_x, grad_weight, None, None, None, None
 
 
 # ---- Sampling: what generate draws the next token with ----

@@ -143,12 +143,16 @@ def test_the_result_is_the_loss_over_the_whole_validation_split(sample_dir, tmp_
     assert capped == (pytest.approx(np.mean(losses[:10]), rel=1e-5), 10 * 32)  # --final-eval-tokens: the first windows
 
 
-def test_masked_documents_change_training_but_not_evaluation(sample_dir, tmp_path):
+def test_masked_documents_and_z_loss_change_training_but_not_evaluation(sample_dir, tmp_path):
     train(sample_dir, tmp_path / "plain", "--max-steps", "2", "--dtype", "float32")
     train(sample_dir, tmp_path / "masked", "--max-steps", "2", "--dtype", "float32", "--mask-documents")
-    plain, masked = metrics(tmp_path / "plain"), metrics(tmp_path / "masked")
-    assert plain[0]["step"] == masked[0]["step"] == 0 and plain[0]["val_loss"] == masked[0]["val_loss"]
+    train(sample_dir, tmp_path / "z", "--max-steps", "2", "--dtype", "float32", "--z-loss", "0.01")
+    plain, masked, z = metrics(tmp_path / "plain"), metrics(tmp_path / "masked"), metrics(tmp_path / "z")
+    assert plain[0]["step"] == masked[0]["step"] == z[0]["step"] == 0
+    assert plain[0]["val_loss"] == masked[0]["val_loss"] == z[0]["val_loss"]
     assert plain[1]["loss"] != masked[1]["loss"]  # the first training step already sees other attention
+    # The first step's logits are near zero, so log Z is near ln(50257) = 10.8: about 0.01 x 117 more
+    assert 1.0 < z[1]["loss"] - plain[1]["loss"] < 1.35
 
 
 RESUME = ["--max-steps", "8", "--ckpt-interval", "4", "--eval-interval", "4", "--dropout", "0.1", "--keep-last", "5"]
@@ -294,6 +298,7 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(sample_dir, tmp_path, sig):
     (["--optimizer", "sgd"], "--optimizer must be adamw or muon"),
     (["--schedule", "linear"], "--schedule cosine or wsd"),
     (["--cooldown-frac", "1.5"], "--cooldown-frac must be between 0 and 1"),
+    (["--z-loss", "-1"], "--z-loss >= 0"),
 ])
 def test_bad_input_gets_one_clear_line(sample_dir, tmp_path, args, message):
     result = run_script("gpt_train.py", ["--data", sample_dir, "--out-dir", str(tmp_path / "run"), *FAST, *args])
@@ -314,7 +319,7 @@ def test_help_lists_the_knobs():
     result = run_script("gpt_train.py", ["--help"])
     assert result.returncode == 0
     for flag in ("--preset", "--n-layer", "--tokens-per-step", "--min-lr", "--compile", "--no-compile", "--optimizer",
-                 "--schedule", "--cooldown-frac", "--final-eval-tokens", "--mask-documents",
+                 "--schedule", "--cooldown-frac", "--final-eval-tokens", "--mask-documents", "--z-loss",
                  "--resume", "--init-from", "--keep-last", "--dtype", "--device", "--no-reuse-memory"):
         assert flag in result.stdout
 

@@ -41,6 +41,26 @@ def test_training_loss_and_gradients_equal_cross_entropy_of_the_logits(fused_los
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("fused_loss", [True, False])
+def test_z_loss_adds_the_mean_squared_log_normaliser(fused_loss):
+    idx, targets = torch.randint(0, 50257, (2, 12)), torch.randint(0, 50257, (2, 12))
+    targets[1, 5:] = -1
+    model = tiny_model()
+    model.fused_loss = fused_loss
+    with torch.no_grad():
+        logits, plain_loss = model(idx, targets)
+        _, with_z = model(idx, targets, z_loss=0.5)
+    log_z = torch.logsumexp(logits[targets >= 0].double(), dim=-1)
+    assert log_z.abs().min() > 1  # so that the term below is far from zero
+    torch.testing.assert_close(with_z.double(), plain_loss.double() + 0.5 * (log_z**2).mean(), rtol=1e-5, atol=1e-5)
+    fused, plain = tiny_model(), tiny_model()  # and the two paths' gradients agree with the z-loss too
+    fused.fused_loss = True
+    fused(idx, targets, z_loss=0.5)[1].backward()
+    plain(idx, targets, z_loss=0.5)[1].backward()
+    for (name, a), b in zip(fused.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_forward_without_targets_returns_no_loss():
     logits, loss = tiny_model()(torch.zeros(1, 5, dtype=torch.long))
     assert logits.shape == (1, 5, 50304) and loss is None
@@ -93,8 +113,9 @@ def test_kv_cache_decoding_equals_full_recompute(attention):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("z_loss", [0.0, 0.01])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_cross_entropy_equals_pytorchs(dtype, monkeypatch):
+def test_linear_cross_entropy_equals_pytorchs(dtype, z_loss, monkeypatch):
     monkeypatch.setattr(LinearCrossEntropy, "ROWS", 32)  # several blocks, the last one partial
     torch.manual_seed(0)
     x, weight = torch.randn(100, 24), torch.randn(1000, 24)  # 1000 rows, of which 990 are tokens
@@ -104,10 +125,12 @@ def test_linear_cross_entropy_equals_pytorchs(dtype, monkeypatch):
 
     def loss_and_grads(x, weight, fused):
         if fused:
-            logits, loss = LinearCrossEntropy.apply(x, weight, targets, 990, True)
+            logits, loss = LinearCrossEntropy.apply(x, weight, targets, 990, z_loss, True)
         else:
             logits = torch.cat([x @ weight.t()[:, :990], torch.full((100, 10), float("-inf"))], dim=1)
             loss = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-1)
+            log_z = torch.log(torch.exp(logits[targets >= 0, :990]).sum(dim=1))  # the definition, spelled out
+            loss = loss + z_loss * (log_z**2).mean()
         x_grad, weight_grad = torch.autograd.grad(2 * loss, (x, weight), retain_graph=True)
         finite = torch.where(logits.isinf(), 0.0, logits)  # so that the probe can touch the padding too
         both_grads = torch.autograd.grad(loss + (finite * probe).sum(), (x, weight))
@@ -127,7 +150,7 @@ def test_linear_cross_entropy_equals_pytorchs(dtype, monkeypatch):
         torch.testing.assert_close(got.float(), want, rtol=0, atol=tolerance)
     assert torch.all(ours_grads[1][990:] == 0)  # padding rows are never predicted, so never pushed down
     with torch.no_grad():  # evaluation: the same logits and loss, without the gradient work
-        no_grad_logits, no_grad_loss = fused_head_and_loss(ours_x[None], ours_w, targets[None], 990)
+        no_grad_logits, no_grad_loss = fused_head_and_loss(ours_x[None], ours_w, targets[None], 990, z_loss)
     torch.testing.assert_close(no_grad_loss, ours, rtol=0, atol=0)
     torch.testing.assert_close(no_grad_logits[0], logits, rtol=0, atol=0)
 
