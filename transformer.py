@@ -316,7 +316,8 @@ class GPT(nn.Module):
     # ---- Hugging Face GPT-2 layout: config.json + model.safetensors ----
 
     def save_pretrained(self, directory):
-        """Writes `config.json` and `model.safetensors` that `GPT2LMHeadModel.from_pretrained` loads."""
+        """Writes `config.json`, `model.safetensors` and `generation_config.json` (infer.py's default
+        sampling) that `GPT2LMHeadModel.from_pretrained` loads."""
         from safetensors.torch import save_file
 
         os.makedirs(directory, exist_ok=True)
@@ -332,13 +333,20 @@ class GPT(nn.Module):
         save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(directory, "config.json"), "w") as f:
             json.dump(hf_config_dict(self.config), f, indent=2)
+        with open(os.path.join(directory, "generation_config.json"), "w") as f:  # what pipeline() samples with
+            json.dump({"bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN, "pad_token_id": EOT_TOKEN,
+                       "do_sample": True, "temperature": DEFAULT_TEMPERATURE, "top_k": DEFAULT_TOP_K}, f, indent=2)
 
     @classmethod
     def from_pretrained(cls, path_or_name, **config_overrides):
         """Loads a Hugging Face GPT-2 directory, or a hub name such as 'gpt2' (downloads when online).
 
-        Only JSON and safetensors are read, so nothing in the files can run code. The vocabulary is
-        padded to a multiple of 64 rows; `config_overrides` (for example dropout) replace config fields.
+        Only JSON and safetensors are read, so nothing in the files can run code. The tensor names and
+        shapes in the safetensors header are checked against config.json before anything is read or
+        allocated, so a damaged or mismatched checkpoint is refused at once, however large its config
+        claims to be. The model is built on the meta device (no memory, no initialisation) and takes
+        the loaded tensors as its parameters. The vocabulary is padded to a multiple of 64 rows;
+        `config_overrides` (for example dropout) replace config fields.
         """
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -346,16 +354,17 @@ class GPT(nn.Module):
         directory = resolve_model_dir(path_or_name)
         config = gpt_config_from_hf(read_json(os.path.join(directory, "config.json")), **config_overrides)
         weights_path = os.path.join(directory, "model.safetensors")
-        if not os.path.isfile(weights_path):
-            raise CheckpointError(f"{directory} has no model.safetensors; GPT-2 weights are read only "
-                                  "from safetensors (convert a pytorch_model.bin with transformers first)")
+        with torch.device("meta"):
+            model = cls(config)
+        check_safetensors_header(weights_path, model)
         try:
             tensors = load_file(weights_path)
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{weights_path} is damaged or incomplete ({e}); save or copy it again") from e
-        model = cls(config)
-        model.load_state_dict(state_dict_from_hf(tensors, model), strict=True)
+        model.load_state_dict(state_dict_from_hf(tensors, model), strict=True, assign=True)
+        model.lm_head.weight = model.transformer.wte.weight  # assign=True gave the tied pair two parameters
         return model
+
 
 # ---- The head and the loss in one pass: a CPU training speed-up ----
 
@@ -455,6 +464,12 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 # ---- Sampling: what generate draws the next token with ----
+
+
+# How infer.py, the trainer's samples and a checkpoint's generation_config.json sample by default: a
+# little below temperature 1 and among the 200 likeliest tokens, which keeps a small model on topic.
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_K = 200
 
 
 def check_sampling(temperature, top_k, top_p):
@@ -569,43 +584,71 @@ def gpt_config_from_hf(hf, **overrides):
         raise CheckpointError(f"config.json holds an impossible GPT-2 config: {e}") from e
 
 
+def our_name(hf_name):
+    """Our parameter name for a tensor name in a GPT-2 safetensors file, or None for what is no weight."""
+    if hf_name.endswith((".attn.bias", ".attn.masked_bias")):
+        return None  # old causal-mask buffers, not weights
+    if not hf_name.startswith("transformer.") and hf_name != "lm_head.weight":
+        return "transformer." + hf_name  # hub checkpoints saved from GPT2Model have no prefix
+    return hf_name
+
+
+def stored_shape(name, model):
+    """The shape a GPT-2 file stores our parameter `name` in: Conv1D weights transposed, and the token
+    embedding without the padding rows."""
+    shape = tuple(model.state_dict()[name].shape)
+    if name.endswith(CONV1D_WEIGHTS):
+        return shape[::-1]
+    if name in ("transformer.wte.weight", "lm_head.weight"):
+        return (model.config.vocab_size, model.config.n_embd)
+    return shape
+
+
+def check_safetensors_header(weights_path, model):
+    """Refuses a safetensors file whose tensor names or shapes differ from what `model`'s config
+    implies, from the file's header alone (a few kilobytes, whatever the file's size)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(weights_path):
+        raise CheckpointError(f"{os.path.dirname(weights_path) or '.'} has no model.safetensors; GPT-2 weights are "
+                              "read only from safetensors (convert a pytorch_model.bin with transformers first)")
+    try:
+        with safe_open(weights_path, framework="pt") as f:
+            shapes = {our_name(k): tuple(f.get_slice(k).get_shape()) for k in f.keys() if our_name(k)}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights_path} is damaged or incomplete ({e}); save or copy it again") from e
+    expected = set(model.state_dict()) - {"lm_head.weight"}  # the head may be stored or not: it is tied
+    missing, unexpected = sorted(expected - set(shapes)), sorted(set(shapes) - expected - {"lm_head.weight"})
+    if missing or unexpected:
+        raise CheckpointError(f"{weights_path} does not match config.json: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}; the checkpoint is damaged or of another model")
+    for name, shape in shapes.items():
+        if shape != stored_shape(name, model):
+            raise CheckpointError(f"{weights_path}: {name} has shape {shape}, config.json implies "
+                                  f"{stored_shape(name, model)}; the checkpoint is damaged or of another model")
+
+
 def state_dict_from_hf(tensors, model):
-    """Our state dict from GPT-2 safetensors, checking names, shapes and values before any use."""
+    """Our state dict from GPT-2 safetensors whose names and shapes check_safetensors_header has
+    accepted: transposes the Conv1D weights, pads the vocabulary, and checks the values."""
     config = model.config
     expected = model.state_dict()
-    loaded = {}
-    for name, tensor in tensors.items():
-        if not name.startswith("transformer.") and name != "lm_head.weight":
-            name = "transformer." + name  # hub checkpoints saved from GPT2Model have no prefix
-        if name.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # old causal-mask buffers, not weights
-        loaded[name] = tensor
+    loaded = {our_name(k): v for k, v in tensors.items() if our_name(k)}
     head = loaded.pop("lm_head.weight", None)
-    if head is not None and not torch.equal(head, loaded.get("transformer.wte.weight", head)):
+    if head is not None and not torch.equal(head, loaded["transformer.wte.weight"]):
         raise CheckpointError("lm_head.weight differs from the token embedding; this GPT-2 ties them")
-    missing = sorted(set(expected) - set(loaded) - {"lm_head.weight"})
-    unexpected = sorted(set(loaded) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"model.safetensors does not match config.json: missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}")
     state = {}
     for name, tensor in loaded.items():
         if not tensor.is_floating_point():
             raise CheckpointError(f"{name} holds {tensor.dtype} values; weights must be floating point")
-        if name.endswith(CONV1D_WEIGHTS):
-            tensor = tensor.t()
-        target_shape = expected[name].shape
-        if name == "transformer.wte.weight":
-            if tensor.shape != (config.vocab_size, config.n_embd):
-                raise CheckpointError(f"{name} has shape {tuple(tensor.shape)}, config.json implies "
-                                      f"{(config.vocab_size, config.n_embd)}")
-            padding = tensor.new_zeros(config.padded_vocab_size - config.vocab_size, config.n_embd)
-            tensor = torch.cat([tensor, padding])
-        if tensor.shape != target_shape:
-            raise CheckpointError(f"{name} has shape {tuple(tensor.shape)}, config.json implies {tuple(target_shape)}")
         if not torch.isfinite(tensor).all():
             raise CheckpointError(f"{name} contains NaN or infinite values; the checkpoint is damaged")
-        state[name] = tensor.to(expected[name].dtype)
+        if name.endswith(CONV1D_WEIGHTS):
+            tensor = tensor.t()
+        if name == "transformer.wte.weight":
+            padding = tensor.new_zeros(config.padded_vocab_size - config.vocab_size, config.n_embd)
+            tensor = torch.cat([tensor, padding])
+        state[name] = tensor.to(expected[name].dtype).contiguous()  # the model's own layout (transposes copied)
     state["lm_head.weight"] = state["transformer.wte.weight"]
     return state
 
@@ -621,6 +664,11 @@ def read_json(path):
     if not isinstance(value, dict):
         raise CheckpointError(f"{path} does not hold a JSON object; the checkpoint is damaged")
     return value
+
+
+def pretrained_config(path_or_name, **overrides):
+    """GPTConfig of a Hugging Face GPT-2 directory or hub name, read from its config.json alone."""
+    return gpt_config_from_hf(read_json(os.path.join(resolve_model_dir(path_or_name), "config.json")), **overrides)
 
 
 def resolve_model_dir(path_or_name):

@@ -14,7 +14,7 @@ import pytest
 import gpt_dataset
 from common import DataError, UsageError
 from gpt_dataset import gpt2_tokenizer, load_manifest, open_shard, open_split
-from conftest import ROOT, articles_read, as_from_a_shell, assert_one_clear_error, run_script, script, wait_for_work
+from conftest import FAST_TRAINING, ROOT, articles_read, as_from_a_shell, assert_one_clear_error, run_script, script, wait_for_work
 
 
 def decoded_documents(data_dir, split):
@@ -88,6 +88,21 @@ def test_raw_dump_becomes_clean_text(tmp_path, dump_path):
     for doc in docs:
         for markup in ("[[", "{{", "<ref", "|thumb", "}}", "]]", "{|", "[[Category:"):
             assert markup not in doc
+
+
+def test_a_small_source_gets_a_usable_validation_split_with_default_flags(tmp_path, dump_path):
+    """106 articles at the default 0.5% would give no validation article: the last ones are moved there."""
+    out, hashed = tmp_path / "default", tmp_path / "hashed"
+    gpt_dataset.main(["--source", dump_path, "--out", str(out)])
+    gpt_dataset.main(["--source", dump_path, "--out", str(hashed), "--val-fraction", "0.2"])
+    manifest = load_manifest(str(out))
+    assert manifest["val"]["articles"] >= 1
+    assert manifest["val"]["tokens"] >= 0.05 * (manifest["train"]["tokens"] + manifest["val"]["tokens"])
+    train, val = decoded_documents(str(out), "train"), decoded_documents(str(out), "val")
+    assert sorted(train + val) == sorted(decoded_documents(str(hashed), "train") + decoded_documents(str(hashed), "val"))
+    result = run_script("gpt_train.py", ["--data", str(out), "--out-dir", str(tmp_path / "run"), *FAST_TRAINING,
+                                         "--max-steps", "2", "--sample-tokens", "0"])
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_wikitext_cleaning_keeps_prose_and_drops_markup():

@@ -1,5 +1,6 @@
 """infer.py: parity with transformers, checkpoint discovery, streaming, safety and bad input."""
 
+import json
 import os
 import pickle
 
@@ -160,3 +161,33 @@ def test_trained_checkpoint_prints_a_continuation(sample_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("--- sample") == 2 and result.stdout.count("The city") == 2
     assert "ckpt_0000003" in result.stderr
+
+
+def limited_memory():
+    """For Popen's preexec_fn: 6 GiB of address space. A model built from the edited config below would
+    need hundreds of GiB, so only a check made before anything large is allocated passes under it."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+
+
+def test_a_config_far_larger_than_its_weights_is_refused_before_allocating(sample_dir, tmp_path):
+    """infer.py, --init-from and --resume on a checkpoint whose config.json claims 200 layers of width 8,192."""
+    run = tmp_path / "run"
+    trained = run_script("gpt_train.py", ["--data", sample_dir, "--out-dir", str(run), "--preset", "tiny",
+                                          "--block-size", "32", "--batch-size", "2", "--max-steps", "1",
+                                          "--eval-steps", "1", "--sample-tokens", "0"])
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    checkpoint = run / "ckpt_0000001"
+    config = json.loads((checkpoint / "config.json").read_text())
+    config.update(n_layer=200, n_embd=8192, n_head=64)
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    commands = [("infer.py", ["--checkpoint", str(checkpoint), "--input", "x"]),
+                ("gpt_train.py", ["--data", sample_dir, "--out-dir", str(tmp_path / "new"), "--init-from",
+                                  str(checkpoint), "--max-steps", "1"]),
+                ("gpt_train.py", ["--data", sample_dir, "--out-dir", str(run), "--preset", "tiny", "--block-size", "32",
+                                  "--batch-size", "2", "--max-steps", "2", "--eval-steps", "1", "--sample-tokens", "0",
+                                  "--resume"])]
+    for name, args in commands:
+        result = run_script(name, args, preexec_fn=limited_memory)
+        assert_one_clear_error(result, "does not match config.json")

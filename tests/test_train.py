@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import gpt_dataset
 import gpt_train
 from common import UsageError
 from conftest import FAST_TRAINING, ROOT, assert_one_clear_error, run_script, script
@@ -114,7 +115,10 @@ def test_end_to_end_run_learns_logs_plots_and_saves_loadable_checkpoints(sample_
     png = (run / "plots.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     assert sorted(os.listdir(run)) == ["ckpt_0000020", "ckpt_0000040", "metrics.jsonl", "plots.png",
-                                       "train_config.json"]
+                                       "train.log", "train_config.json"]
+    assert sorted(os.listdir(run / "ckpt_0000040")) == [
+        "config.json", "generation_config.json", "merges.txt", "model.safetensors", "optimizer.safetensors",
+        "rng.safetensors", "special_tokens_map.json", "tokenizer_config.json", "trainer_state.json", "vocab.json"]
     transformers = pytest.importorskip("transformers")
     hf = transformers.GPT2LMHeadModel.from_pretrained(run / "ckpt_0000040").eval()
     ours = GPT.from_pretrained(str(run / "ckpt_0000040")).eval()
@@ -216,7 +220,7 @@ def test_resume_with_muon_is_bit_identical(sample_dir, muon_reference_run, tmp_p
     train(sample_dir, run, *RESUME, *MUON, "--resume")
     expected = [r["loss"] for r in metrics(muon_reference_run) if "loss" in r and r["step"] > 4]
     assert ([r["loss"] for r in metrics(run) if "loss" in r] == expected) != forget_momentum
-    with pytest.raises(UsageError, match="trained with --optimizer muon"):
+    with pytest.raises(UsageError, match="--optimizer muon -> adamw"):
         train(sample_dir, run, *RESUME, "--resume", "--max-steps", "9", "--optimizer", "adamw")
 
 
@@ -346,3 +350,91 @@ def test_two_processes_match_one_with_the_same_global_batch(sample_dir, tmp_path
     wa, wb = weights(tmp_path / "one" / "ckpt_0000006"), weights(tmp_path / "two" / "ckpt_0000006")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+def small_hf_gpt2(directory):
+    """A Hugging Face GPT-2 directory written by transformers itself, as the hub's gpt2 is: context 64,
+    dropout 0.1 in its config (as GPT-2's), so that the test sees which shape and dropout a run takes."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
+    transformers.GPT2LMHeadModel(config).save_pretrained(directory)
+    return str(directory)
+
+
+FINE_TUNE = ["--lr", "1e-4", "--batch-size", "2", "--eval-steps", "1", "--sample-tokens", "0", "--warmup-steps", "1"]
+
+
+def test_init_from_takes_the_pretrained_shape_dropout_0_and_its_own_run_dir(sample_dir, tmp_path):
+    """The README's fine-tuning command, with a local GPT-2 directory for the hub name, in a folder where
+    the quickstart has run: it must train the pretrained model's shape in a run directory of its own."""
+    pretrained = small_hf_gpt2(tmp_path / "gpt2-local")
+    quickstart = run_script("gpt_train.py", ["--data", sample_dir, *FAST_TRAINING, "--preset", "mini",
+                                             "--max-steps", "2", "--sample-tokens", "0"], cwd=tmp_path)
+    assert quickstart.returncode == 0, quickstart.stderr[-2000:]
+    quickstart_files = sorted(os.listdir(tmp_path / "runs" / "mini"))
+    command = ["--data", sample_dir, "--init-from", pretrained, *FINE_TUNE, "--max-steps", "2"]
+    result = run_script("gpt_train.py", command, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = tmp_path / "runs" / "gpt2-local-finetune"
+    saved = json.loads((run / "train_config.json").read_text())
+    assert saved["model"]["block_size"] == 64 and saved["model"]["n_layer"] == 2
+    assert saved["train"]["tokens_per_step"] == 2 * 64  # sized for GPT-2's context, not the preset's
+    assert "128 tokens per step = 1 x 1 micro-batch(es) x 2 x 64" in result.stderr
+    assert "dropout 0.0 (--dropout to change)" in result.stderr
+    assert json.loads((run / "ckpt_0000002" / "config.json").read_text())["resid_pdrop"] == 0.0
+    assert sorted(os.listdir(tmp_path / "runs" / "mini")) == quickstart_files
+    assert not (tmp_path / "runs" / "mini-2").exists()  # the quickstart's run is left alone
+
+    resumed = run_script("gpt_train.py", [*command[:-1], "3", "--resume"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "changed since the run began: --max-steps 2 -> 3" in resumed.stderr
+    assert (run / "ckpt_0000003").is_dir()
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--n-layer", "3"], "--n-layer None -> 3"),
+    (["--lr", "1e-3"], "--lr 0.003 -> 0.001"),
+    (["--batch-size", "8"], "--batch-size 4 -> 8"),
+    (["--schedule", "cosine"], "--schedule wsd -> cosine"),
+    (["--data", "OTHER"], "holds other shards than the run was trained on"),
+])
+def test_resume_refuses_settings_that_make_another_run(sample_dir, reference_run, tmp_path, change, message):
+    run = tmp_path / "run"
+    shutil.copytree(reference_run / "ckpt_0000004", run / "ckpt_0000004")
+    if change[1] == "OTHER":
+        gpt_dataset.main(["--source", "sample", "--max-tokens", "100000", "--out", str(tmp_path / "other")])
+        change = ["--data", str(tmp_path / "other")]
+    args = ["--data", sample_dir, "--out-dir", str(run), *FAST, *RESUME, "--resume", *change]
+    result = run_script("gpt_train.py", args)
+    assert_one_clear_error(result, message)
+    assert sorted(os.listdir(run)) == ["ckpt_0000004"]  # nothing written
+
+
+def test_resume_follows_a_dataset_that_moved(sample_dir, reference_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference_run / "ckpt_0000004", run / "ckpt_0000004")
+    moved = shutil.copytree(sample_dir, tmp_path / "moved")
+    train(str(moved), run, *RESUME, "--resume")
+    assert f"changed since the run began: --data {sample_dir} -> {moved}" in (run / "train.log").read_text()
+    expected = [r["loss"] for r in metrics(reference_run) if "loss" in r and r["step"] > 4]
+    assert [r["loss"] for r in metrics(run) if "loss" in r] == expected
+
+
+def test_the_quickstart_runs_twice_in_the_same_folder(sample_dir, tmp_path):
+    """The one-liner again: a new run beside the first, which infer.py then finds; --resume continues it."""
+    shutil.copytree(sample_dir, tmp_path / "data" / "sample_en")
+    train_args = [*FAST_TRAINING, "--sample-tokens", "0", "--max-steps", "2"]
+    for attempt in (1, 2):
+        for name, args in [("gpt_dataset.py", ["--source", "sample"]), ("gpt_train.py", train_args),
+                           ("infer.py", ["--input", "The history of", "--max-new-tokens", "5"])]:
+            result = run_script(name, args, cwd=tmp_path)
+            assert result.returncode == 0, (attempt, name, result.stderr[-2000:])
+    assert "using runs/tiny-2/ckpt_0000002" in result.stdout + result.stderr
+    for run in ("tiny", "tiny-2"):
+        assert os.listdir(tmp_path / "runs" / run).count("ckpt_0000002") == 1
+        log = (tmp_path / "runs" / run / "train.log").read_text()  # the console's lines, with dates
+        assert log.count("| step 2/2 |") == 1 and log.splitlines()[-1].split(" | ")[1].startswith("done: 2 steps")
+        assert all(line[:4].isdigit() and line[4] == "-" for line in log.splitlines())
+    resumed = run_script("gpt_train.py", [*train_args[:-1], "3", "--resume"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (tmp_path / "runs" / "tiny-2" / "ckpt_0000003").is_dir() and not (tmp_path / "runs" / "tiny-3").exists()
