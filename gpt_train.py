@@ -80,6 +80,7 @@ class TrainConfig:
     z_loss: float = 0.0  # training adds this x log(Z)^2 per token (Z: softmax normaliser) to the logged loss; 0 off
     ckpt_interval: int = 550  # steps between checkpoints; the last step always gets one
     keep_last: int = 2  # newest checkpoints kept, besides the best by validation loss
+    tracker: str = "none"  # also send metrics.jsonl's rows to tensorboard (run_dir/tensorboard) or wandb
     sample_tokens: int = 48  # tokens in the text sample printed at each evaluation; 0 disables
     compile: bool | None = None  # torch.compile the model; default on for CUDA
     reuse_memory: bool = True  # CPU: keep freed memory for the next step: ~10% faster, more resident memory
@@ -438,6 +439,9 @@ def resolve_config(config, world_size):
                          f"{config.optimizer!r} and {config.schedule!r}")
     if not 0 <= config.cooldown_frac <= 1 or config.final_eval_tokens < 0 or config.z_loss < 0:
         raise UsageError("--cooldown-frac must be between 0 and 1; --final-eval-tokens and --z-loss >= 0")
+    if config.tracker not in TRACKER_PACKAGES:
+        raise UsageError(f"--tracker must be one of {', '.join(TRACKER_PACKAGES)}, got {config.tracker!r}")
+    import_tracker(config.tracker)  # a missing package fails now, not after the model is built
     config.min_lr = config.lr / 10 if config.min_lr is None else config.min_lr
     if not 0 <= config.min_lr <= config.lr:
         raise UsageError(f"--min-lr must be between 0 and --lr, got {config.min_lr}")
@@ -753,7 +757,7 @@ def all_rng_states(device, world_size):
     return gathered
 
 
-def report_evaluation(step, val_loss, whole, *, bytes_per_token, metrics_path, model, config):
+def report_evaluation(step, val_loss, whole, *, bytes_per_token, metrics, model, config):
     """Logs the validation loss (and `whole`, the (loss, tokens) of the whole split, at the end), appends
     them to metrics.jsonl, prints a text sample and redraws the plots."""
     bits_per_byte = val_loss / math.log(2) / bytes_per_token
@@ -765,17 +769,66 @@ def report_evaluation(step, val_loss, whole, *, bytes_per_token, metrics_path, m
         logger.info(f"step {step}: val loss over the whole validation split ({whole[1]:,} tokens) {whole[0]:.4f} "
                     f"| perplexity {math.exp(min(whole[0], 50)):.1f} | bits/byte {whole_bits_per_byte:.3f}")
         row.update(whole_val_loss=whole[0], whole_val_tokens=whole[1], whole_val_bits_per_byte=whole_bits_per_byte)
-    append_metrics(metrics_path, row)
+    metrics.append(row)
     if config.sample_tokens:
         model.eval()
         logger.info(f"sample: {sample_text(model, max_new_tokens=config.sample_tokens, seed=config.seed)!r}")
         model.train()
-    plot_metrics(metrics_path, os.path.join(config.out_dir, "plots.png"))
+    plot_metrics(metrics.path, os.path.join(config.out_dir, "plots.png"))
 
 
-def append_metrics(metrics_path, row):
-    with open(metrics_path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+class MetricsLog:
+    """metrics.jsonl of a run (one JSON row per step and per evaluation), and the experiment tracker
+    that gets the same rows, if --tracker names one."""
+
+    def __init__(self, path, tracker=None):
+        self.path, self.tracker = path, tracker
+
+    def append(self, row):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tracker:
+            self.tracker({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, row["step"])
+
+
+TRACKER_PACKAGES = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def import_tracker(name):
+    """The module of --tracker, imported only when asked for; None for none."""
+    if name == "none":
+        return None
+    try:
+        import importlib
+
+        return importlib.import_module("torch.utils.tensorboard" if name == "tensorboard" else "wandb")
+    except ImportError as e:
+        raise UsageError(f"--tracker {name} needs the {TRACKER_PACKAGES[name]} package: "
+                         f"pip install {TRACKER_PACKAGES[name]}") from e
+
+
+def open_tracker(name, config, run_dir):
+    """A function (metrics, step) that sends a row to TensorBoard or Weights & Biases, or None.
+    A resumed run continues the same wandb run: its id is kept in the run directory."""
+    module = import_tracker(name)
+    if module is None:
+        return None
+    if name == "tensorboard":
+        writer = module.SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"))
+
+        def send(metrics, step):
+            for key, value in metrics.items():
+                writer.add_scalar(key, value, step)
+            writer.flush()
+
+        return send
+    id_path = os.path.join(run_dir, "wandb_run_id")
+    run_id = open(id_path).read().strip() if os.path.isfile(id_path) else os.urandom(6).hex()
+    with open(id_path, "w") as f:
+        f.write(run_id)
+    module.init(project=os.environ.get("WANDB_PROJECT", "wikigpt"), name=os.path.basename(os.path.abspath(run_dir)),
+                id=run_id, resume="allow", config=asdict(config), dir=run_dir)
+    return lambda metrics, step: module.log(metrics, step=step)
 
 
 def log_start(config, model, accumulation, device, amp_dtype, use_compile, world_size, checkpoint, start_step,
@@ -798,7 +851,7 @@ def log_start(config, model, accumulation, device, amp_dtype, use_compile, world
 
 
 def log_step(step, config, *, loss, lr, norm, elapsed, step_times, flops_per_token, peak, device, world_size,
-             metrics_path):
+             metrics):
     """One line per step on the console and in metrics.jsonl."""
     tokens_per_s = config.tokens_per_step / elapsed
     memory_label, memory = memory_in_use(device)
@@ -807,7 +860,7 @@ def log_step(step, config, *, loss, lr, norm, elapsed, step_times, flops_per_tok
     logger.info(f"step {step}/{config.max_steps} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.2f} | "
                 f"{elapsed * 1000:.0f} ms | {tokens_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu is not None else "")
                 + f" | {memory_label} {memory:.2f} GiB | ETA {eta / 60:.1f} min")
-    append_metrics(metrics_path, {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "ms": elapsed * 1000,
+    metrics.append({"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "ms": elapsed * 1000,
                                   "tokens_per_s": tokens_per_s, "mfu": mfu, "memory": memory_label,
                                   "memory_gib": memory})
 
@@ -835,8 +888,8 @@ def save_and_prune(run_dir, step, **state):
     logger.info(f"saved {path}")
 
 
-def log_end(step, stopped_by, whole, metrics_path, run_dir):
-    plot_metrics(metrics_path, os.path.join(run_dir, "plots.png"))
+def log_end(step, stopped_by, whole, metrics, run_dir):
+    plot_metrics(metrics.path, os.path.join(run_dir, "plots.png"))
     if stopped_by:
         logger.info(f"stopped by {stopped_by} at step {step}; continue with the same command and --resume")
     else:
@@ -883,9 +936,10 @@ def main(argv=None):
         state = restore_checkpoint(checkpoint, optimizers=optimizers, scaler=scaler, train_windows=train_windows,
                                    rank=rank, device=device)
         start_step, best_val = state["step"], state.get("best_val_loss")
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"))
     if master:
         prepare_run_dir(run_dir, config, raw_model.config, start_step if checkpoint else None)
+        metrics.tracker = open_tracker(config.tracker, config, run_dir)
     eval_model = torch.compile(raw_model) if use_compile else raw_model  # DDP is not needed to evaluate
     model = wrap_for_training(eval_model, device, world_size)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
@@ -909,7 +963,7 @@ def main(argv=None):
                                                  world_size=world_size)
                 if master:
                     report_evaluation(step, last_val, whole, bytes_per_token=bytes_per_token,
-                                      metrics_path=metrics_path, model=raw_model, config=config)
+                                      metrics=metrics, model=raw_model, config=config)
             if (step % config.ckpt_interval == 0 and step > start_step) or last or stop_now:
                 rng = all_rng_states(device, world_size)  # every process takes part in gathering them
                 if master:
@@ -933,10 +987,10 @@ def main(argv=None):
             if master and applied:
                 log_step(step, config, loss=loss, lr=lr, norm=norm, elapsed=elapsed, step_times=step_times,
                          flops_per_token=flops_per_token, peak=peak, device=device, world_size=world_size,
-                         metrics_path=metrics_path)
+                         metrics=metrics)
 
         if master:
-            log_end(step, stop.received if stop_now else None, whole, metrics_path, run_dir)
+            log_end(step, stop.received if stop_now else None, whole, metrics, run_dir)
     finally:
         stop.restore()
         if world_size > 1:

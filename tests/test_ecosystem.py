@@ -2,14 +2,14 @@
 trackers, and training across machines through torchrun's rendezvous."""
 
 import json
-import os
-import socket
-import subprocess
+import sys
+import types
 
 import pytest
 
 import gpt_train
-from conftest import FAST_TRAINING, ROOT, assert_one_clear_error, run_script, script
+from common import UsageError
+from conftest import FAST_TRAINING
 from gpt_dataset import gpt2_tokenizer, open_split
 
 transformers = pytest.importorskip("transformers")
@@ -52,3 +52,59 @@ def test_pipeline_generates_from_a_checkpoint_with_its_generation_config(checkpo
     assert text.startswith("The history of") and len(text) > len("The history of")
     greedy = generator("The history of", max_new_tokens=8, do_sample=False)[0]["generated_text"]
     assert greedy == generator("The history of", max_new_tokens=8, do_sample=False)[0]["generated_text"]
+
+
+class FakeTensorBoard:
+    """Stands in for torch.utils.tensorboard (not a dependency): records what the trainer sends."""
+
+    scalars = []
+
+    class SummaryWriter:
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, key, value, step):
+            FakeTensorBoard.scalars.append((key, value, step))
+
+        def flush(self):
+            pass
+
+
+def fake_wandb(calls):
+    module = types.ModuleType("wandb")
+    module.init = lambda **kwargs: calls.append(("init", kwargs))
+    module.log = lambda metrics, step: calls.append(("log", metrics, step))
+    return module
+
+
+def sent_rows(run):
+    """metrics.jsonl as (key, value, step) triples, as a tracker should have received them."""
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    return [(k, v, r["step"]) for r in rows for k, v in r.items() if k != "step" and isinstance(v, (int, float))]
+
+
+def test_trackers_receive_what_metrics_jsonl_records(sample_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", FakeTensorBoard)
+    FakeTensorBoard.scalars = []
+    args = ["--data", sample_dir, *FAST_TRAINING, "--max-steps", "3", "--eval-interval", "2", "--sample-tokens", "0"]
+    gpt_train.main([*args, "--out-dir", str(tmp_path / "tb"), "--tracker", "tensorboard"])
+    assert FakeTensorBoard.scalars == sent_rows(tmp_path / "tb")
+    assert {"loss", "val_loss", "whole_val_loss", "tokens_per_s"} <= {k for k, _, _ in FakeTensorBoard.scalars}
+
+    calls = []
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb(calls))
+    gpt_train.main([*args, "--out-dir", str(tmp_path / "wandb"), "--tracker", "wandb"])
+    assert calls[0][0] == "init" and calls[0][1]["config"]["max_steps"] == 3
+    assert [(k, v, step) for _, metrics, step in calls[1:] for k, v in metrics.items()] == sent_rows(tmp_path / "wandb")
+    run_id = calls[0][1]["id"]
+    calls.clear()  # a resumed run continues the same wandb run
+    gpt_train.main([*args, "--max-steps", "4", "--out-dir", str(tmp_path / "wandb"), "--tracker", "wandb", "--resume"])
+    assert calls[0][1]["id"] == run_id and calls[0][1]["resume"] == "allow"
+
+
+@pytest.mark.parametrize("name, package", [("tensorboard", "torch.utils.tensorboard"), ("wandb", "wandb")])
+def test_a_missing_tracker_package_is_one_clear_error(sample_dir, tmp_path, monkeypatch, name, package):
+    monkeypatch.setitem(sys.modules, package, None)  # as if not installed: importing it raises ImportError
+    with pytest.raises(UsageError, match=f"--tracker {name} needs the {name} package: pip install {name}"):
+        gpt_train.main(["--data", sample_dir, "--out-dir", str(tmp_path / "run"), *FAST_TRAINING, "--tracker", name])
+    assert not (tmp_path / "run").exists()  # refused before anything was written

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -303,6 +304,7 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(sample_dir, tmp_path, sig):
     (["--schedule", "linear"], "--schedule cosine or wsd"),
     (["--cooldown-frac", "1.5"], "--cooldown-frac must be between 0 and 1"),
     (["--z-loss", "-1"], "--z-loss >= 0"),
+    (["--tracker", "mlflow"], "--tracker must be one of none, tensorboard, wandb"),
 ])
 def test_bad_input_gets_one_clear_line(sample_dir, tmp_path, args, message):
     result = run_script("gpt_train.py", ["--data", sample_dir, "--out-dir", str(tmp_path / "run"), *FAST, *args])
@@ -323,13 +325,14 @@ def test_help_lists_the_knobs():
     result = run_script("gpt_train.py", ["--help"])
     assert result.returncode == 0
     for flag in ("--preset", "--n-layer", "--tokens-per-step", "--min-lr", "--compile", "--no-compile", "--optimizer",
-                 "--schedule", "--cooldown-frac", "--final-eval-tokens", "--mask-documents", "--z-loss",
+                 "--schedule", "--cooldown-frac", "--final-eval-tokens", "--mask-documents", "--z-loss", "--tracker",
                  "--resume", "--init-from", "--keep-last", "--dtype", "--device", "--no-reuse-memory"):
         assert flag in result.stdout
 
 
-def test_two_processes_match_one_with_the_same_global_batch(sample_dir, tmp_path):
-    """torchrun with 2 CPU processes (gloo) against 1 process accumulating 2 micro-batches."""
+def test_two_processes_and_two_nodes_match_one_with_the_same_global_batch(sample_dir, tmp_path):
+    """torchrun with 2 CPU processes (gloo), and with 2 "nodes" of one process each meeting through
+    torchrun's c10d rendezvous as separate machines do, against 1 process accumulating 2 micro-batches."""
     # AdamW: Muon's Newton-Schulz iterations amplify the last-bit differences between one summed and two
     # averaged gradients beyond this test's tolerance, which is about the gradients, not the optimizer.
     common = ["--data", sample_dir, *FAST, "--max-steps", "6", "--eval-interval", "3", "--dtype", "float32",
@@ -342,14 +345,27 @@ def test_two_processes_match_one_with_the_same_global_batch(sample_dir, tmp_path
                              os.path.join(ROOT, "gpt_train.py"), *common, "--out-dir", str(tmp_path / "two")],
                             capture_output=True, text=True, cwd=ROOT, env=env)
     assert double.returncode == 0, double.stderr[-3000:]
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               f"--node_rank={rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+                               "--rdzv_id=test", os.path.join(ROOT, "gpt_train.py"), *common,
+                               "--out-dir", str(tmp_path / "nodes")],
+                              stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"node{rank}.txt", "w"), cwd=ROOT,
+                              env=env)
+             for rank in (0, 1)]
+    for rank, node in enumerate(nodes):
+        assert node.wait(timeout=600) == 0, (tmp_path / f"node{rank}.txt").read_text()[-3000:]
     one = [r for r in metrics(tmp_path / "one") if "loss" in r]
-    two = [r for r in metrics(tmp_path / "two") if "loss" in r]
-    assert len(one) == len(two) == 6
-    for a, b in zip(one, two):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    wa, wb = weights(tmp_path / "one" / "ckpt_0000006"), weights(tmp_path / "two" / "ckpt_0000006")
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+    for other in ("two", "nodes"):
+        rows = [r for r in metrics(tmp_path / other) if "loss" in r]
+        assert len(one) == len(rows) == 6
+        for a, b in zip(one, rows):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        wa, wb = weights(tmp_path / "one" / "ckpt_0000006"), weights(tmp_path / other / "ckpt_0000006")
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
 
 
 def small_hf_gpt2(directory):
