@@ -276,8 +276,9 @@ def open_split(data_dir, split, verify=False):
 # ---- Sources: each yields raw articles as (id, title, text, is_wikitext) ----
 
 
-def hub_articles(lang, date):
-    """Hugging Face `wikimedia/wikipedia`, streamed: nothing is downloaded before it is needed."""
+def hub_articles(lang, date, start=None):
+    """Hugging Face `wikimedia/wikipedia`, streamed: nothing is downloaded before it is needed, and an
+    interrupted run starts the stream where it stopped (`start`, a StreamedArticles position)."""
     config = f"{date}.{lang}"
     from huggingface_hub import constants
 
@@ -287,21 +288,42 @@ def hub_articles(lang, date):
     except OSError as e:
         raise UsageError(f"cannot reach {host} ({e.__class__.__name__}): without the Hugging Face hub, use "
                          "--source sample (offline), a raw Wikimedia dump path, or local .parquet files") from e
-    return dataset_articles(("wikimedia/wikipedia", config), f"--lang {lang} --date {date}"), None
+    return StreamedArticles(("wikimedia/wikipedia", config), f"--lang {lang} --date {date}", start=start)
 
 
-def dataset_articles(load_args, what, data_files=None):
-    """Articles of a `datasets` dataset with the wikimedia/wikipedia schema (id, url, title, text)."""
-    import datasets
+class StreamedArticles:
+    """Articles of a `datasets` dataset with the wikimedia/wikipedia schema (id, url, title, text), streamed.
 
-    try:
-        stream = datasets.load_dataset(*load_args, data_files=data_files, split="train", streaming=True)
-        for row in stream:
-            yield str(row.get("id") or row["title"]), row.get("title", ""), row["text"], False
-    except (KeyError, TypeError) as e:
-        raise DataError(f"{what}: rows need 'text' and 'id' or 'title' columns (missing {e})") from e
-    except (FileNotFoundError, ValueError, ConnectionError) as e:
-        raise UsageError(f"cannot load {what}: {str(e).splitlines()[0][:300]}") from e
+    position() is where the stream stands (after the last article taken from it), as JSON; a new
+    StreamedArticles given it as `start` continues from there without reading (or downloading) the
+    articles before it. `total` is the number of articles where the dataset card states it (the hub's
+    wikimedia/wikipedia does), for the progress bar's ETA.
+    """
+
+    def __init__(self, load_args, what, data_files=None, start=None):
+        import datasets
+
+        self.what = what
+        try:
+            self.stream = datasets.load_dataset(*load_args, data_files=data_files, split="train", streaming=True)
+        except (FileNotFoundError, ValueError, ConnectionError) as e:
+            raise UsageError(f"cannot load {what}: {str(e).splitlines()[0][:300]}") from e
+        if start is not None:
+            self.stream.load_state_dict(start)
+        splits = self.stream.info.splits
+        self.total = splits["train"].num_examples if splits and "train" in splits else None
+
+    def __iter__(self):
+        try:
+            for row in self.stream:
+                yield str(row.get("id") or row["title"]), row.get("title", ""), row["text"], False
+        except (KeyError, TypeError) as e:
+            raise DataError(f"{self.what}: rows need 'text' and 'id' or 'title' columns (missing {e})") from e
+        except (FileNotFoundError, ValueError, ConnectionError) as e:
+            raise UsageError(f"cannot load {self.what}: {str(e).splitlines()[0][:300]}") from e
+
+    def position(self):
+        return json.loads(json.dumps(self.stream.state_dict()))  # a copy: the stream's own state moves on
 
 
 def dump_articles(path):
@@ -365,7 +387,7 @@ def file_kind(path):
 
 
 READERS = {"dump": dump_articles, "jsonl": jsonl_articles, "text": text_articles,
-           "parquet": lambda path: dataset_articles(("parquet",), path, data_files=[path])}
+           "parquet": lambda path: StreamedArticles(("parquet",), path, data_files=[path])}
 
 
 def source_files(source):
@@ -386,12 +408,14 @@ def source_files(source):
     return files
 
 
-def raw_articles(config):
-    """(iterator of raw articles, their number where known, for the progress bar's ETA)."""
+def raw_articles(config, start=None):
+    """(iterable of raw articles, their number where known, for the progress bar's ETA). The hub's
+    stream is a StreamedArticles, started at `start` if given; other sources start at their beginning."""
     if config.source == "sample":
         return sample_articles(config.lang)
     if config.source == "wikipedia":
-        return hub_articles(config.lang, config.date)
+        articles = hub_articles(config.lang, config.date, start)
+        return articles, articles.total
     files = source_files(config.source)
     return (article for path, kind in files for article in READERS[kind](path)), None
 
@@ -620,24 +644,25 @@ def run_fingerprint(config):
     return {k: getattr(config, k) for k in keys}
 
 
-def batched_tasks(articles, batch_chars):
-    """Groups raw articles into worker tasks of about `batch_chars` characters each."""
+def batched_tasks(articles, batch_chars, position=None):
+    """Groups raw articles into worker tasks of about `batch_chars` characters each. Yields (task, where
+    the source stands after its last article: position(), or None without a position function)."""
     batch, size = [], 0
     for article_id, _title, text, is_wikitext in articles:
         batch.append((article_id, text, is_wikitext))
         size += len(text)
         if size >= batch_chars:
-            yield batch
+            yield batch, position and position()
             batch, size = [], 0
     if batch:
-        yield batch
+        yield batch, position and position()
 
 
 def tokenized_batches(tasks, config):
-    """Results of tokenize_batch for each task, in order. Workers run ahead by a bounded number of
-    batches, so memory stays flat however large the source is."""
+    """(result of tokenize_batch, source position) for each task of batched_tasks, in order. Workers
+    run ahead by a bounded number of batches, so memory stays flat however large the source is."""
     if config.workers == 1:
-        yield from (tokenize_batch(task, config.min_chars, config.val_fraction) for task in tasks)
+        yield from ((tokenize_batch(task, config.min_chars, config.val_fraction), where) for task, where in tasks)
         return
     import collections
     import multiprocessing
@@ -645,12 +670,14 @@ def tokenized_batches(tasks, config):
     in_flight = collections.deque()
     gpt2_tokenizer()  # load (or fetch) once here, so that the forked workers inherit it
     with multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(config.workers) as pool:
-        for task in tasks:
-            in_flight.append(pool.apply_async(tokenize_batch, (task, config.min_chars, config.val_fraction)))
+        for task, where in tasks:
+            in_flight.append((pool.apply_async(tokenize_batch, (task, config.min_chars, config.val_fraction)), where))
             if len(in_flight) >= 4 * config.workers:
-                yield in_flight.popleft().get()
+                result, where = in_flight.popleft()
+                yield result.get(), where
         while in_flight:
-            yield in_flight.popleft().get()
+            result, where = in_flight.popleft()
+            yield result.get(), where
 
 
 def previous_run(out, fingerprint):
@@ -725,7 +752,11 @@ def main(argv=None):
         print(f"continuing an interrupted run: {state['articles_read']:,} articles were already read")
     state = state or {"settings": fingerprint, "articles_read": 0, "splits": {}}
 
-    articles, total = raw_articles(config)  # reach the source before anything is written
+    # The hub's stream starts where the last progress record's batch ended (stream_start); the articles
+    # between that batch and the record are read again. Other sources are read again from their start.
+    stream_start = state.get("stream_start")
+    articles, total = raw_articles(config, stream_start and stream_start["position"])  # before anything is written
+    resumes_at = stream_start["articles_read"] if stream_start and hasattr(articles, "position") else 0
     os.makedirs(out, exist_ok=True)
     for stale in glob.glob(os.path.join(out, "*.tmp-*")) + glob.glob(os.path.join(out, ".*.tmp-*")):
         os.remove(stale)  # half-written files of a killed run; everything they held is written again
@@ -736,16 +767,18 @@ def main(argv=None):
 
     def save_progress():
         splits = {s: w.state(articles_read) for s, w in writers.items()}
-        progress = {"settings": fingerprint, "articles_read": articles_read, "splits": splits}
+        progress = {"settings": fingerprint, "articles_read": articles_read, "splits": splits,
+                    "stream_start": stream_start}
         atomic_write_json(os.path.join(out, "progress.json"), progress)
         remove_pending_files(out, keep={s["pending"] for s in splits.values()})
 
-    tasks = batched_tasks(itertools.islice(articles, articles_read, None), config.batch_chars)
+    tasks = batched_tasks(itertools.islice(articles, articles_read - resumes_at, None), config.batch_chars,
+                          getattr(articles, "position", None))
     started, tokens_at_start = time.monotonic(), sum(w.tokens for w in writers.values())
     done = False
     # tqdm shows articles/s and, where the total is known, the ETA; the postfix adds tokens and tokens/s.
     with tqdm(total=total, unit=" articles", initial=articles_read, dynamic_ncols=True, smoothing=0.1) as bar:
-        for is_val, sizes, lengths, tokens in tokenized_batches(tasks, config):
+        for (is_val, sizes, lengths, tokens), position in tokenized_batches(tasks, config):
             offset = 0
             for val, size, length in zip(is_val, sizes, lengths):
                 articles_read += 1
@@ -763,6 +796,8 @@ def main(argv=None):
             bar.update(len(lengths))
             if done:
                 break
+            if position is not None:  # where a restart can start the stream: after this whole batch
+                stream_start = {"articles_read": articles_read, "position": position}
 
     topped_up = ensure_validation(writers, config.val_fraction)
     if topped_up:

@@ -2,6 +2,7 @@
 
 import glob
 import hashlib
+import io
 import json
 import os
 import random
@@ -168,6 +169,66 @@ def test_text_normalisation_short_articles_and_literal_separators(tmp_path):
     assert any(doc.startswith("Caf\u00e9 ") for doc in docs)  # NFC: one code point
     tokens = np.concatenate(open_split(out, "train") + open_split(out, "val"))
     assert int((tokens == 50256).sum()) == 3
+
+
+def fake_hub_dataset(directory, articles_per_file=400, files=3):
+    """wikimedia/wikipedia's layout in a local folder: parquet files and a dataset card stating the count."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (directory / "data").mkdir(parents=True)
+    for f in range(files):
+        ids = [f"{f}-{i}" for i in range(articles_per_file)]
+        texts = [f"Article {f}-{i} is about topic {i * 7 % 13}. " + "It has a few sentences of text. " * 15
+                 for i in range(articles_per_file)]
+        table = pa.table({"id": ids, "url": [""] * len(ids), "title": ids, "text": texts})
+        pq.write_table(table, directory / "data" / f"train-{f:05d}-of-{files:05d}.parquet", row_group_size=50)
+    features = "".join(f"  - name: {name}\n    dtype: string\n" for name in ("id", "url", "title", "text"))
+    (directory / "README.md").write_text(
+        f"---\ndataset_info:\n  features:\n{features}  splits:\n  - name: train\n    num_bytes: 1\n"
+        f"    num_examples: {files * articles_per_file}\nconfigs:\n- config_name: default\n  data_files:\n"
+        "  - split: train\n    path: data/train-*\n---\n")
+    return directory
+
+
+def test_an_interrupted_hub_download_resumes_from_the_streams_position(tmp_path, monkeypatch):
+    """The hub's stream (here a local copy of its layout) is not read again from the start after an
+    interruption: only the articles after the last progress record's batch are pulled."""
+    import datasets
+
+    hub, pulled = fake_hub_dataset(tmp_path / "hub"), []
+    real_load = datasets.load_dataset
+
+    def load_from_the_fake_hub(name, config, **kwargs):
+        assert name == "wikimedia/wikipedia" and config == "20231101.en" and kwargs["streaming"]
+        return real_load(str(hub), split="train", streaming=True).map(lambda row: pulled.append(row["id"]) or row)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_from_the_fake_hub)
+    monkeypatch.setattr(gpt_dataset.socket, "create_connection", lambda *args, **kwargs: io.StringIO())
+    assert gpt_dataset.hub_articles("en", "20231101").total == 1200  # the progress bar's total, for its ETA
+    args = ["--source", "wikipedia", "--shard-tokens", "2000", "--workers", "1", "--batch-chars", "20000"]
+    gpt_dataset.main(args + ["--out", str(tmp_path / "reference")])
+    assert len(pulled) == 1200
+
+    write_json, records = gpt_dataset.atomic_write_json, []
+
+    def interrupt_at_the_sixth_record(path, value):
+        write_json(path, value)
+        records.append(value)
+        if len(records) == 6:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(gpt_dataset, "atomic_write_json", interrupt_at_the_sixth_record)
+    with pytest.raises(KeyboardInterrupt):
+        gpt_dataset.main(args + ["--out", str(tmp_path / "interrupted")])
+    stopped_at, batch_start = records[-1]["articles_read"], records[-1]["stream_start"]["articles_read"]
+    assert 0 < batch_start <= stopped_at < 1200
+    monkeypatch.setattr(gpt_dataset, "atomic_write_json", write_json)
+    pulled.clear()
+    gpt_dataset.main(args + ["--out", str(tmp_path / "interrupted")])
+    assert pulled[0] == f"{batch_start // 400}-{batch_start % 400}"  # the first article after that batch
+    assert len(pulled) == 1200 - batch_start
+    assert directory_digest(str(tmp_path / "interrupted")) == directory_digest(str(tmp_path / "reference"))
 
 
 def test_hub_source_offline_gives_one_clear_error(tmp_path, monkeypatch):
