@@ -2,7 +2,7 @@
 
     python gpt_dataset.py --source sample            # ~10k real articles (1.04M tokens), offline, seconds
     python gpt_dataset.py                            # all of English Wikipedia from Hugging Face
-    python gpt_dataset.py --lang fr --date 20231101  # another language or snapshot
+    python gpt_dataset.py --lang fr                  # another language (the hub holds one snapshot, 20231101)
     python gpt_dataset.py --source enwiki-latest-pages-articles.xml.bz2   # a raw Wikimedia dump
 
 Sources: Hugging Face `wikimedia/wikipedia` (default), `sample` (lead sections of ~10,000 vital
@@ -524,7 +524,7 @@ def tokenize_batch(batch, min_chars, val_fraction):
 class DatasetConfig:
     source: str = "wikipedia"  # "wikipedia" (Hugging Face), "sample" (offline), or a dump/file path, folder or glob
     lang: str = "en"  # Wikipedia language code (the sample has en, fr, es)
-    date: str = "20231101"  # snapshot of wikimedia/wikipedia on Hugging Face
+    date: str = "20231101"  # snapshot of wikimedia/wikipedia on Hugging Face (the one it holds); others: raw dumps
     out: str | None = None  # output directory; default data/<source>_<lang>
     shard_tokens: int = 100_000_000  # tokens per shard (200 MB); the last shard of a split is shorter
     val_fraction: float | None = None  # share of articles held out; default 5% for the sample, 0.5% otherwise
