@@ -1,18 +1,20 @@
 """Trains the GPT-2 of transformer.py on the token shards of gpt_dataset.py.
 
-    python gpt_train.py                                                         # the CPU quickstart, ~8 min
+    python gpt_train.py                                                         # the CPU quickstart, ~9 min
     python gpt_train.py --data data/wikipedia_en_20231101 --preset gpt2         # one GPU
     torchrun --nproc_per_node=8 gpt_train.py --data ... --preset gpt2           # eight GPUs
     python gpt_train.py ... --resume                                            # continue a run
+    python gpt_train.py --data ... --init-from gpt2 --lr 1e-4                   # fine-tune OpenAI's GPT-2
 
 main() reads as a table of contents: set-up, restore, then for each step maybe evaluate and save
 a checkpoint, then one optimisation step (train_step: micro-batches with gradient accumulation,
 clipping, the learning rate of this step, the optimizer, the guard against non-finite losses), then
 one log line. There is no Trainer class to look inside.
 
-A run directory (--out-dir) holds train_config.json, metrics.jsonl, plots.png and checkpoints
-`ckpt_NNNNNNN/`: the model in Hugging Face's GPT-2 layout (so `transformers` and infer.py load it)
-plus everything needed to continue bit for bit: optimizer moments, step, data position and every
+A run directory (--out-dir; by default runs/<preset>, or runs/<preset>-2, ... beside an earlier run)
+holds train_config.json, metrics.jsonl, train.log, plots.png and checkpoints `ckpt_NNNNNNN/`: the
+model in Hugging Face's GPT-2 layout with its tokenizer and generation config (so `transformers`,
+its pipeline and infer.py load it) plus everything needed to continue bit for bit: optimizer moments, step, data position and every
 RNG state, in safetensors and JSON (no pickle; the layout is described in common.py). Checkpoints are
 written under a temporary name and renamed when complete, so a crash never leaves a half checkpoint
 that looks whole. SIGTERM or Ctrl-C saves one at the next step boundary and exits.
@@ -823,9 +825,11 @@ def open_tracker(name, config, run_dir):
 
         return send
     id_path = os.path.join(run_dir, "wandb_run_id")
-    run_id = open(id_path).read().strip() if os.path.isfile(id_path) else os.urandom(6).hex()
-    with open(id_path, "w") as f:
-        f.write(run_id)
+    if not os.path.isfile(id_path):
+        with open(id_path, "w") as f:
+            f.write(os.urandom(6).hex())
+    with open(id_path) as f:
+        run_id = f.read().strip()
     module.init(project=os.environ.get("WANDB_PROJECT", "wikigpt"), name=os.path.basename(os.path.abspath(run_dir)),
                 id=run_id, resume="allow", config=asdict(config), dir=run_dir)
     return lambda metrics, step: module.log(metrics, step=step)
@@ -861,8 +865,7 @@ def log_step(step, config, *, loss, lr, norm, elapsed, step_times, flops_per_tok
                 f"{elapsed * 1000:.0f} ms | {tokens_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu is not None else "")
                 + f" | {memory_label} {memory:.2f} GiB | ETA {eta / 60:.1f} min")
     metrics.append({"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "ms": elapsed * 1000,
-                                  "tokens_per_s": tokens_per_s, "mfu": mfu, "memory": memory_label,
-                                  "memory_gib": memory})
+                    "tokens_per_s": tokens_per_s, "mfu": mfu, "memory": memory_label, "memory_gib": memory})
 
 
 def start_logging(master):
