@@ -113,6 +113,15 @@ def write_hf_tokenizer(directory, model_max_length):
     """Writes GPT-2's tokenizer in Hugging Face's layout (vocab.json, merges.txt, tokenizer_config.json,
     special_tokens_map.json) into a checkpoint directory, so that AutoTokenizer, pipeline and
     lm-evaluation-harness load it from there. Built from the BPE the shards were made with, offline."""
+    for name, data in hf_tokenizer_files(model_max_length).items():
+        with open(os.path.join(directory, name), "wb") as f:
+            f.write(data)
+
+
+@lru_cache(maxsize=None)
+def hf_tokenizer_files(model_max_length):
+    """{file name: bytes} of write_hf_tokenizer, made once per process: a run writes them into every
+    checkpoint, and serialising the 50,257-entry vocabulary each time would cost more than the rest."""
     vocab, merges = hf_vocab_and_merges()
     eot = "<|endoftext|>"
     files = {
@@ -123,9 +132,7 @@ def write_hf_tokenizer(directory, model_max_length):
                                              "add_prefix_space": False}, indent=2),
         "special_tokens_map.json": json.dumps({"bos_token": eot, "eos_token": eot, "unk_token": eot}, indent=2),
     }
-    for name, text in files.items():
-        with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
-            f.write(text)
+    return {name: text.encode("utf-8") for name, text in files.items()}
 
 
 @lru_cache(maxsize=None)
