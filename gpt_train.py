@@ -14,10 +14,11 @@ one log line. There is no Trainer class to look inside.
 A run directory (--out-dir; by default runs/<preset>, or runs/<preset>-2, ... beside an earlier run)
 holds train_config.json, metrics.jsonl, train.log, plots.png and checkpoints `ckpt_NNNNNNN/`: the
 model in Hugging Face's GPT-2 layout with its tokenizer and generation config (so `transformers`,
-its pipeline and infer.py load it) plus everything needed to continue bit for bit: optimizer moments, step, data position and every
-RNG state, in safetensors and JSON (no pickle; the layout is described in common.py). Checkpoints are
-written under a temporary name and renamed when complete, so a crash never leaves a half checkpoint
-that looks whole. SIGTERM or Ctrl-C saves one at the next step boundary and exits.
+its pipeline and infer.py load it) plus everything needed to continue bit for bit: optimizer
+moments, step, data position and every RNG state, in safetensors and JSON (no pickle; the layout is
+described in common.py). Checkpoints are written under a temporary name and renamed when complete,
+so a crash never leaves a half checkpoint that looks whole. SIGTERM or Ctrl-C saves one at the next
+step boundary and exits.
 
 What to expect: the defaults (the `mini` preset on the English sample, 1,100 steps of 2,048 tokens,
 Muon and a warmup-stable-decay schedule) take 9 min 16 s on 2 cores of an AVX512-BF16 CPU and reach
@@ -839,7 +840,7 @@ def log_start(config, model, accumulation, device, amp_dtype, use_compile, world
               changed_settings):
     c = model.config
     logger.info(f"config: {json.dumps(asdict(config))}")
-    origin = f"from {config.init_from}" if config.init_from and not checkpoint else "new" if not checkpoint else "resumed"
+    origin = "resumed" if checkpoint else f"from {config.init_from}" if config.init_from else "new"
     logger.info(f"model ({origin}): {model.num_params():,} parameters ({model.num_params(embeddings=False):,} "
                 f"without embeddings), {c.n_layer} layers, {c.n_head} heads, width {c.n_embd}, context "
                 f"{c.block_size}, dropout {c.dropout}" + (" (--dropout to change)" if config.dropout is None else ""))

@@ -90,8 +90,8 @@ def encode_prompt(prompt, block_size):
 
 
 @torch.no_grad()
-def generate_text(model, prompt_ids, *, max_new_tokens, temperature=DEFAULT_TEMPERATURE, top_k=DEFAULT_TOP_K, top_p=None, seed=None,
-                  stop_at_eot=True, use_cache=True, on_text=None):
+def generate_text(model, prompt_ids, *, max_new_tokens, temperature=DEFAULT_TEMPERATURE, top_k=DEFAULT_TOP_K,
+                  top_p=None, seed=None, stop_at_eot=True, use_cache=True, on_text=None):
     """Continues `prompt_ids` and returns the new text; `on_text` receives it piece by piece.
 
     Pieces are cut on UTF-8 boundaries: one token can hold half of a multi-byte character.

@@ -371,9 +371,10 @@ class GPT(nn.Module):
 
 def fused_head_and_loss(x, weight, targets, vocab_size, z_loss=0.0):
     """(logits (B, T, V), mean cross-entropy plus z_loss * log(Z)^2) of the final hidden states
-    x (B, T, C), equal to the plain head and loss of GPT.forward. In the dtype that autocast would pick for the
-    head's matrix product (bf16 in mixed precision). The gradient work is done only when a gradient
-    will be asked for: evaluation under torch.no_grad pays for the forward products alone."""
+    x (B, T, C), equal to the plain head and loss of GPT.forward. In the dtype that autocast would
+    pick for the head's matrix product (bf16 in mixed precision). The gradient work is done only
+    when a gradient will be asked for: evaluation under torch.no_grad pays for the forward products
+    alone."""
     B, T, C = x.size()
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     x, weight = x.reshape(B * T, C).to(dtype), weight.to(dtype)  # (N, C), (V, C)
@@ -389,8 +390,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     Returns (logits, loss), the same as logits = x @ weight.T and F.cross_entropy(logits, targets),
     plus z_loss times the mean squared log-normaliser when z_loss > 0 (tests check both and their
-    gradients). Why it exists: with GPT-2's vocabulary the logits of
-    one batch take hundreds of megabytes, far more than a CPU's caches, and reading them back for
+    gradients). Why it exists: with GPT-2's vocabulary the logits of one batch take hundreds of megabytes, far more than a CPU's caches, and reading them back for
     the loss and again for its gradient is bound by memory bandwidth. Here the logits are made ROWS
     rows at a time, and each group of SOFTMAX_ROWS rows is turned into its loss and the loss's
     gradient while it is still in cache. That gradient is computed in the forward pass (it needs
