@@ -667,8 +667,8 @@ def prepare_run_dir(run_dir, config, model_config, resumed_step):
 @torch.no_grad()
 def evaluate_whole_split(model, val_shards, *, block_size, batch_size, max_tokens, autocast, device, rank,
                          world_size):
-    """(mean loss per token, tokens) over every non-overlapping window of the validation split, up to
-    max_tokens: the run's result. Each process reads every world_size-th window; the sums are
+    """(mean loss per token, tokens, whether that was the whole split) over every non-overlapping
+    window of the validation split, up to max_tokens: the run's result. Each process reads every world_size-th window; the sums are
     all-reduced. The periodic evaluations read fixed batches only, a sample that can differ from this
     by a tenth of a nat on a small split."""
     windows = TokenWindows(val_shards, block_size, 1, seed=0, shuffle=False)
@@ -685,7 +685,7 @@ def evaluate_whole_split(model, val_shards, *, block_size, batch_size, max_token
     if world_size > 1:
         dist.all_reduce(total)
     model.train()
-    return (total[0] / total[1]).item(), int(total[1].item())
+    return (total[0] / total[1]).item(), int(total[1].item()), count == windows.blocks_per_epoch
 
 
 @torch.no_grad()
@@ -769,7 +769,8 @@ def report_evaluation(step, val_loss, whole, *, bytes_per_token, metrics, model,
     row = {"step": step, "val_loss": val_loss, "val_bits_per_byte": bits_per_byte}
     if whole:
         whole_bits_per_byte = whole[0] / math.log(2) / bytes_per_token
-        logger.info(f"step {step}: val loss over the whole validation split ({whole[1]:,} tokens) {whole[0]:.4f} "
+        scope = "the whole validation split" if whole[2] else "the validation split's first windows (--final-eval-tokens)"
+        logger.info(f"step {step}: val loss over {scope} ({whole[1]:,} tokens) {whole[0]:.4f} "
                     f"| perplexity {math.exp(min(whole[0], 50)):.1f} | bits/byte {whole_bits_per_byte:.3f}")
         row.update(whole_val_loss=whole[0], whole_val_tokens=whole[1], whole_val_bits_per_byte=whole_bits_per_byte)
     metrics.append(row)
@@ -897,7 +898,8 @@ def log_end(step, stopped_by, whole, metrics, run_dir):
     if stopped_by:
         logger.info(f"stopped by {stopped_by} at step {step}; continue with the same command and --resume")
     else:
-        result = f"{whole[0]:.4f} over the whole validation split" if whole else "not measured (--final-eval-tokens 0)"
+        scope = "the whole validation split" if whole and whole[2] else f"{whole[1]:,} validation tokens" if whole else ""
+        result = f"{whole[0]:.4f} over {scope}" if whole else "not measured (--final-eval-tokens 0)"
         logger.info(f"done: {step} steps, val loss {result}; plots in {run_dir}/plots.png")
 
 

@@ -130,7 +130,7 @@ def test_end_to_end_run_learns_logs_plots_and_saves_loadable_checkpoints(sample_
 
 def test_the_result_is_the_loss_over_the_whole_validation_split(sample_dir, tmp_path):
     run = tmp_path / "run"
-    train(sample_dir, run, "--max-steps", "3", "--dtype", "float32")
+    train(sample_dir, run, "--max-steps", "3", "--dtype", "float32", "--final-eval-tokens", "10000000")
     final = metrics(run)[-1]
     val = np.concatenate(gpt_train.open_split(sample_dir, "val"))
     windows = (len(val) - 1) // 32  # every non-overlapping window of the model's context, 32 tokens
@@ -145,7 +145,7 @@ def test_the_result_is_the_loss_over_the_whole_validation_split(sample_dir, tmp_
     capped = gpt_train.evaluate_whole_split(model, gpt_train.open_split(sample_dir, "val"), block_size=32,
                                             batch_size=4, max_tokens=10 * 32, autocast=contextlib.nullcontext(),
                                             device=torch.device("cpu"), rank=0, world_size=1)
-    assert capped == (pytest.approx(np.mean(losses[:10]), rel=1e-5), 10 * 32)  # --final-eval-tokens: the first windows
+    assert capped == (pytest.approx(np.mean(losses[:10]), rel=1e-5), 10 * 32, False)  # --final-eval-tokens: the first windows
 
 
 def test_masked_documents_and_z_loss_change_training_but_not_evaluation(sample_dir, tmp_path):
@@ -458,6 +458,7 @@ def test_the_quickstart_runs_twice_in_the_same_folder(sample_dir, tmp_path):
         assert os.listdir(tmp_path / "runs" / run).count("ckpt_0000002") == 1
         log = (tmp_path / "runs" / run / "train.log").read_text()  # the console's lines, with dates
         assert log.count("| step 2/2 |") == 1 and log.splitlines()[-1].split(" | ")[1].startswith("done: 2 steps")
+        assert log.splitlines()[-1].endswith("over 2,048 validation tokens; plots in " + f"runs/{run}/plots.png")
         assert all(line[:4].isdigit() and line[4] == "-" for line in log.splitlines())
     resumed = run_script("gpt_train.py", [*train_args[:-1], "3", "--resume"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
