@@ -352,7 +352,7 @@ class GPT(nn.Module):
         from safetensors.torch import load_file
 
         directory = resolve_model_dir(path_or_name)
-        config = gpt_config_from_hf(read_json(os.path.join(directory, "config.json")), **config_overrides)
+        config = pretrained_config(directory, **config_overrides)
         weights_path = os.path.join(directory, "model.safetensors")
         with torch.device("meta"):
             model = cls(config)
@@ -390,10 +390,11 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     Returns (logits, loss), the same as logits = x @ weight.T and F.cross_entropy(logits, targets),
     plus z_loss times the mean squared log-normaliser when z_loss > 0 (tests check both and their
-    gradients). Why it exists: with GPT-2's vocabulary the logits of one batch take hundreds of megabytes, far more than a CPU's caches, and reading them back for
-    the loss and again for its gradient is bound by memory bandwidth. Here the logits are made ROWS
-    rows at a time, and each group of SOFTMAX_ROWS rows is turned into its loss and the loss's
-    gradient while it is still in cache. That gradient is computed in the forward pass (it needs
+    gradients). Why it exists: with GPT-2's vocabulary the logits of one batch take hundreds of
+    megabytes, far more than a CPU's caches, and reading them back for the loss and again for its
+    gradient is bound by memory bandwidth. Here the logits are made ROWS rows at a time, and each
+    group of SOFTMAX_ROWS rows is turned into its loss and the loss's gradient while it is still in
+    cache. That gradient is computed in the forward pass (it needs
     the same softmax) and only scaled in the backward pass. Gradients that reach the returned logits
     (when something besides the loss uses them) are handled too. On CUDA, and under torch.compile,
     the fused kernels of F.cross_entropy are faster: the trainer leaves GPT.fused_loss off there.
@@ -593,15 +594,16 @@ def our_name(hf_name):
     return hf_name
 
 
-def stored_shape(name, model):
-    """The shape a GPT-2 file stores our parameter `name` in: Conv1D weights transposed, and the token
-    embedding without the padding rows."""
-    shape = tuple(model.state_dict()[name].shape)
-    if name.endswith(CONV1D_WEIGHTS):
-        return shape[::-1]
-    if name in ("transformer.wte.weight", "lm_head.weight"):
-        return (model.config.vocab_size, model.config.n_embd)
-    return shape
+def stored_shapes(model):
+    """{our parameter name: the shape a GPT-2 file stores it in}: Conv1D weights transposed, and the
+    token embedding (and the head tied to it) without the padding rows."""
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    for name, shape in shapes.items():
+        if name.endswith(CONV1D_WEIGHTS):
+            shapes[name] = shape[::-1]
+        if name in ("transformer.wte.weight", "lm_head.weight"):
+            shapes[name] = (model.config.vocab_size, model.config.n_embd)
+    return shapes
 
 
 def check_safetensors_header(weights_path, model):
@@ -614,18 +616,19 @@ def check_safetensors_header(weights_path, model):
                               "read only from safetensors (convert a pytorch_model.bin with transformers first)")
     try:
         with safe_open(weights_path, framework="pt") as f:
-            shapes = {our_name(k): tuple(f.get_slice(k).get_shape()) for k in f.keys() if our_name(k)}
+            shapes = {name: tuple(f.get_slice(k).get_shape()) for k in f.keys() if (name := our_name(k))}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights_path} is damaged or incomplete ({e}); save or copy it again") from e
-    expected = set(model.state_dict()) - {"lm_head.weight"}  # the head may be stored or not: it is tied
+    implied = stored_shapes(model)
+    expected = set(implied) - {"lm_head.weight"}  # the head may be stored or not: it is tied
     missing, unexpected = sorted(expected - set(shapes)), sorted(set(shapes) - expected - {"lm_head.weight"})
     if missing or unexpected:
         raise CheckpointError(f"{weights_path} does not match config.json: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}; the checkpoint is damaged or of another model")
     for name, shape in shapes.items():
-        if shape != stored_shape(name, model):
+        if shape != implied[name]:
             raise CheckpointError(f"{weights_path}: {name} has shape {shape}, config.json implies "
-                                  f"{stored_shape(name, model)}; the checkpoint is damaged or of another model")
+                                  f"{implied[name]}; the checkpoint is damaged or of another model")
 
 
 def state_dict_from_hf(tensors, model):
@@ -633,7 +636,7 @@ def state_dict_from_hf(tensors, model):
     accepted: transposes the Conv1D weights, pads the vocabulary, and checks the values."""
     config = model.config
     expected = model.state_dict()
-    loaded = {our_name(k): v for k, v in tensors.items() if our_name(k)}
+    loaded = {name: v for k, v in tensors.items() if (name := our_name(k))}
     head = loaded.pop("lm_head.weight", None)
     if head is not None and not torch.equal(head, loaded["transformer.wte.weight"]):
         raise CheckpointError("lm_head.weight differs from the token embedding; this GPT-2 ties them")
