@@ -166,7 +166,7 @@ def best_checkpoint(run_dir):
     return checkpoints[-1] if checkpoints else None
 
 
-def newest_run(runs_dir):
-    """The run directory under `runs_dir` whose newest checkpoint is the most recent, or None."""
-    runs = [d for d in glob.glob(os.path.join(runs_dir, "*")) if checkpoints_in(d)]
+def newest_run(run_dirs):
+    """Of the directories `run_dirs`, the one whose newest checkpoint is the most recent, or None."""
+    runs = [d for d in run_dirs if checkpoints_in(d)]
     return max(runs, key=lambda d: os.path.getmtime(checkpoints_in(d)[-1])) if runs else None

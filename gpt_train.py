@@ -48,7 +48,7 @@ from loguru import logger
 
 from common import (EOT_TOKEN, OPTIMIZER_FILE, RNG_FILE, TRAINER_STATE, VAL_LOSS_KEY, CheckpointError, DataError,
                     UsageError, best_checkpoint, check_dtype_name, checkpoint_dir, checkpoints_in, cpu_has_fast_bf16,
-                    parse_config, pick_device, run_cli)
+                    newest_run, parse_config, pick_device, run_cli)
 from gpt_dataset import gpt2_tokenizer, load_manifest, open_split, write_hf_tokenizer
 from transformer import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, GPT, config_from_preset, pretrained_config
 
@@ -257,7 +257,7 @@ def rng_states(device):
 
 
 def save_checkpoint(run_dir, step, *, model, optimizers, scaler, train_windows, rng, val_loss, best_val_loss,
-                    config):
+                    config, data_shards):
     """Writes ckpt_<step> atomically: everything goes into a temporary directory, which is renamed only
     once every file is on disk. `rng` holds the RNG states of every process. Returns the path."""
     from safetensors.torch import save_file
@@ -278,7 +278,7 @@ def save_checkpoint(run_dir, step, *, model, optimizers, scaler, train_windows, 
                  "other_optimizers": optimizer_meta[1:],
                  "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                  VAL_LOSS_KEY: val_loss, "best_val_loss": best_val_loss, "train_config": asdict(config),
-                 "data_shards": shard_checksums(config.data)}
+                 "data_shards": data_shards}
         with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
             json.dump(state, f, indent=1)
         for name in os.listdir(tmp):  # flush to disk before the rename makes the checkpoint visible
@@ -442,8 +442,8 @@ def resolve_config(config, world_size):
                          f"{config.optimizer!r} and {config.schedule!r}")
     if not 0 <= config.cooldown_frac <= 1 or config.final_eval_tokens < 0 or config.z_loss < 0:
         raise UsageError("--cooldown-frac must be between 0 and 1; --final-eval-tokens and --z-loss >= 0")
-    if config.tracker not in TRACKER_PACKAGES:
-        raise UsageError(f"--tracker must be one of {', '.join(TRACKER_PACKAGES)}, got {config.tracker!r}")
+    if config.tracker not in TRACKERS:
+        raise UsageError(f"--tracker must be one of {', '.join(TRACKERS)}, got {config.tracker!r}")
     import_tracker(config.tracker)  # a missing package fails now, not after the model is built
     config.min_lr = config.lr / 10 if config.min_lr is None else config.min_lr
     if not 0 <= config.min_lr <= config.lr:
@@ -578,12 +578,9 @@ def choose_run_dir(config):
         return config.out_dir
     name = f"{os.path.basename(config.init_from.rstrip('/'))}-finetune" if config.init_from else config.preset
     base = os.path.join("runs", name)
-    numbered = glob.glob(glob.escape(base) + "-*")
-    family = [base] + sorted((d for d in numbered if re.fullmatch(r"-\d+", d[len(base):])),
-                             key=lambda d: int(d[len(base) + 1 :]))
-    runs = [d for d in family if checkpoints_in(d)]
     if config.resume:
-        return max(runs, key=lambda d: os.path.getmtime(checkpoints_in(d)[-1])) if runs else base
+        numbered = [d for d in glob.glob(glob.escape(base) + "-*") if re.fullmatch(r"-\d+", d[len(base) :])]
+        return newest_run([base, *numbered]) or base
     return next(d for d in (f"{base}-{n}" if n > 1 else base for n in itertools.count(1)) if not checkpoints_in(d))
 
 
@@ -595,7 +592,7 @@ MAY_CHANGE_ON_RESUME = ("data", "out_dir", "resume", "max_steps", "eval_interval
                         "max_bad_steps", "verify_data")
 
 
-def checkpoint_to_resume(run_dir, config):
+def checkpoint_to_resume(run_dir, config, data_shards):
     """(the newest complete checkpoint with --resume, else None; the settings changed since that
     checkpoint was written, which recorded them). Refuses to start a new run over an old one, and to
     resume with settings that would make it another run."""
@@ -615,7 +612,7 @@ def checkpoint_to_resume(run_dir, config):
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path} is damaged ({type(e).__name__}); resume from an older checkpoint "
                               "(move this one away) or start a new run") from e
-    if state.get("data_shards", shard_checksums(config.data)) != shard_checksums(config.data):
+    if state.get("data_shards", data_shards) != data_shards:
         raise UsageError(f"--resume: {config.data} holds other shards than the run was trained on (their sha256 "
                          f"differ from {path}); resume with the run's dataset, or start a new run")
     now = asdict(config)
@@ -668,9 +665,9 @@ def prepare_run_dir(run_dir, config, model_config, resumed_step):
 def evaluate_whole_split(model, val_shards, *, block_size, batch_size, max_tokens, autocast, device, rank,
                          world_size):
     """(mean loss per token, tokens, whether that was the whole split) over every non-overlapping
-    window of the validation split, up to max_tokens: the run's result. Each process reads every world_size-th window; the sums are
-    all-reduced. The periodic evaluations read fixed batches only, a sample that can differ from this
-    by a tenth of a nat on a small split."""
+    window of the validation split, up to max_tokens: the run's result. Each process reads every
+    world_size-th window; the sums are all-reduced. The periodic evaluations read fixed batches only,
+    a sample that can differ from this by a tenth of a nat on a small split."""
     windows = TokenWindows(val_shards, block_size, 1, seed=0, shuffle=False)
     count = min(windows.blocks_per_epoch, max(1, max_tokens // block_size))
     mine = list(range(rank, count, world_size))
@@ -769,7 +766,8 @@ def report_evaluation(step, val_loss, whole, *, bytes_per_token, metrics, model,
     row = {"step": step, "val_loss": val_loss, "val_bits_per_byte": bits_per_byte}
     if whole:
         whole_bits_per_byte = whole[0] / math.log(2) / bytes_per_token
-        scope = "the whole validation split" if whole[2] else "the validation split's first windows (--final-eval-tokens)"
+        scope = ("the whole validation split" if whole[2]
+                 else "the validation split's first windows (--final-eval-tokens)")
         logger.info(f"step {step}: val loss over {scope} ({whole[1]:,} tokens) {whole[0]:.4f} "
                     f"| perplexity {math.exp(min(whole[0], 50)):.1f} | bits/byte {whole_bits_per_byte:.3f}")
         row.update(whole_val_loss=whole[0], whole_val_tokens=whole[1], whole_val_bits_per_byte=whole_bits_per_byte)
@@ -795,7 +793,7 @@ class MetricsLog:
             self.tracker({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, row["step"])
 
 
-TRACKER_PACKAGES = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb"}
+TRACKERS = ("none", "tensorboard", "wandb")  # each named as the package it needs
 
 
 def import_tracker(name):
@@ -807,8 +805,7 @@ def import_tracker(name):
 
         return importlib.import_module("torch.utils.tensorboard" if name == "tensorboard" else "wandb")
     except ImportError as e:
-        raise UsageError(f"--tracker {name} needs the {TRACKER_PACKAGES[name]} package: "
-                         f"pip install {TRACKER_PACKAGES[name]}") from e
+        raise UsageError(f"--tracker {name} needs the {name} package: pip install {name}") from e
 
 
 def open_tracker(name, config, run_dir):
@@ -897,10 +894,13 @@ def log_end(step, stopped_by, whole, metrics, run_dir):
     plot_metrics(metrics.path, os.path.join(run_dir, "plots.png"))
     if stopped_by:
         logger.info(f"stopped by {stopped_by} at step {step}; continue with the same command and --resume")
+        return
+    if not whole:
+        result = "not measured (--final-eval-tokens 0)"
     else:
-        scope = "the whole validation split" if whole and whole[2] else f"{whole[1]:,} validation tokens" if whole else ""
-        result = f"{whole[0]:.4f} over {scope}" if whole else "not measured (--final-eval-tokens 0)"
-        logger.info(f"done: {step} steps, val loss {result}; plots in {run_dir}/plots.png")
+        scope = "the whole validation split" if whole[2] else f"{whole[1]:,} validation tokens"
+        result = f"{whole[0]:.4f} over {scope}"
+    logger.info(f"done: {step} steps, val loss {result}; plots in {run_dir}/plots.png")
 
 
 def synchronized_clock(device):
@@ -915,7 +915,8 @@ def main(argv=None):
     rank, local_rank, world_size = torchrun_ranks()
     config, model_config, accumulation = resolve_config(config, world_size)
     config.out_dir = choose_run_dir(config)
-    checkpoint, changed_settings = checkpoint_to_resume(config.out_dir, config)
+    data_shards = shard_checksums(config.data)  # what identifies the data: recorded in every checkpoint
+    checkpoint, changed_settings = checkpoint_to_resume(config.out_dir, config, data_shards)
     device = start_device(config.device, local_rank, world_size)
     master, run_dir = rank == 0, config.out_dir
     amp_dtype, use_compile = configure_speed(config, device)
@@ -975,7 +976,7 @@ def main(argv=None):
                 if master:
                     save_and_prune(run_dir, step, model=raw_model, optimizers=optimizers, scaler=scaler, rng=rng,
                                    train_windows=train_windows, config=config, best_val_loss=best_val,
-                                   val_loss=last_val if val_step == step else None)
+                                   data_shards=data_shards, val_loss=last_val if val_step == step else None)
             if last or stop_now:
                 break
 

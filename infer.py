@@ -13,6 +13,7 @@ the one loading path that training (--resume, --init-from) uses too.
 """
 
 import codecs
+import glob
 import os
 import sys
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ def pick_dtype(requested, device):
 def resolve_checkpoint(checkpoint, runs_dir):
     """(model directory or hub name, a sentence saying what was chosen)."""
     if checkpoint is None:
-        run = newest_run(runs_dir)
+        run = newest_run(glob.glob(os.path.join(runs_dir, "*")))
         if run is None:
             raise UsageError(f"no trained checkpoints under {runs_dir}/; train one with gpt_train.py, or pass "
                              "--checkpoint (a checkpoint directory or a GPT-2 name such as gpt2)")
