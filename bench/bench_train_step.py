@@ -18,9 +18,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from common import pick_device  # noqa: E402
-from gpt_train import make_optimizers, peak_flops, reuse_freed_memory  # noqa: E402
+from gpt_train import make_optimizers  # noqa: E402
 from transformer import GPT, config_from_preset  # noqa: E402
+from wikigpt.monitor import peak_flops  # noqa: E402
+from wikigpt.runtime import pick_device, reuse_freed_memory  # noqa: E402
 
 CPU_CASES = [("small", 8, 256), ("gpt2", 1, 1024)]  # the sizes of the nanoGPT figures in docs/benchmarks.md
 

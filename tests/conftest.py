@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import gpt_dataset  # noqa: E402
+from wikigpt.files import fetch_from_pypi  # noqa: E402
 
 # Training flags for a model small enough that a step takes tens of milliseconds on a laptop CPU. The
 # final evaluation reads 2,048 validation tokens, not the whole split (5 s a run at this size);
@@ -100,4 +101,4 @@ def sample_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def dump_path():
     """A real excerpt of an English Wikipedia XML dump (106 articles), from gensim's wheel."""
-    return gpt_dataset.fetch_from_pypi(*GENSIM_DUMP)
+    return fetch_from_pypi(*GENSIM_DUMP)

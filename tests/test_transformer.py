@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from common import CheckpointError
-from transformer import (GPT, GPTConfig, KVCache, LinearCrossEntropy, config_from_preset, fused_head_and_loss,
-                         keep_top_k, keep_top_p, sample_next_token)
+from transformer import GPT, GPTConfig, KVCache, config_from_preset, keep_top_k, keep_top_p, sample_next_token
+from wikigpt.cli import CheckpointError
+from wikigpt.fused_loss import LinearCrossEntropy, fused_head_and_loss
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32)
 

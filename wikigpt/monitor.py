@@ -1,0 +1,269 @@
+"""What a training run shows of itself: the console and train.log lines, metrics.jsonl and the
+experiment trackers that get the same rows, plots.png, text samples, and the measures behind them
+(peak FLOP/s for MFU, memory).
+
+Used by gpt_train.py, through one Monitor per run. Every process may call it; only the first one
+(rank 0) prints and writes, since the others would repeat the same lines.
+"""
+
+import importlib
+import json
+import math
+import os
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from loguru import logger
+
+from wikigpt.cli import UsageError
+from wikigpt.generation import generate_text
+from wikigpt.tokenizer import EOT_TOKEN, gpt2_tokenizer
+
+# ---- Measures ----
+
+PEAK_BF16_TFLOPS = {  # dense bf16 tensor-core peaks from the vendors' data sheets, per GPU
+    "H200": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0, "GH200": 989.0, "B200": 2250.0,
+    "A100": 312.0, "A10G": 125.0, "A10": 125.0, "L40S": 362.0, "L4": 121.0, "RTX 4090": 165.0,
+    "RTX 3090": 71.0, "V100": 125.0, "T4": 65.0,
+}
+
+
+def peak_flops(device):
+    """Peak bf16 FLOP/s of the CUDA device, from its name; None where unknown (no MFU is shown)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_BF16_TFLOPS.items():  # longer names first where they share a prefix
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def memory_in_use(device):
+    """(label, GiB): peak CUDA memory allocated, else the process's peak resident memory."""
+    if device.type == "cuda":
+        return "cuda_peak", torch.cuda.max_memory_allocated(device) / 2**30
+    import resource  # Unix only; imported here so that the rest runs on Windows too
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return "rss_peak", rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def describe_loss(loss, bytes_per_token):
+    """(bits per byte, the text that reports a loss): nats per token, perplexity (e^loss: as unsure as
+    a uniform choice among that many tokens) and bits per byte (comparable across tokenizers)."""
+    bits_per_byte = loss / math.log(2) / bytes_per_token
+    return bits_per_byte, f"{loss:.4f} | perplexity {math.exp(min(loss, 50)):.1f} | bits/byte {bits_per_byte:.3f}"
+
+
+def sample_text(model, *, max_new_tokens, seed):
+    """A continuation of <|endoftext|> (the start of a new article), as text: what the model writes
+    now, sampled as infer.py does by default."""
+    return generate_text(model, gpt2_tokenizer(), [EOT_TOKEN], max_new_tokens=max_new_tokens, seed=seed)
+
+
+# ---- metrics.jsonl and trackers ----
+
+
+class MetricsLog:
+    """metrics.jsonl of a run (one JSON row per step and per evaluation), and the experiment tracker
+    that gets the same rows, if --tracker names one."""
+
+    def __init__(self, path, tracker=None):
+        self.path, self.tracker = path, tracker
+
+    def append(self, row):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tracker:
+            self.tracker({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, row["step"])
+
+
+TRACKERS = ("none", "tensorboard", "wandb")  # each named as the package it needs
+
+
+def import_tracker(name):
+    """The module of --tracker, imported only when asked for; None for none."""
+    if name == "none":
+        return None
+    try:
+        return importlib.import_module("torch.utils.tensorboard" if name == "tensorboard" else "wandb")
+    except ImportError as e:
+        raise UsageError(f"--tracker {name} needs the {name} package: pip install {name}") from e
+
+
+def open_tracker(name, settings, run_dir):
+    """A function (metrics, step) that sends a row to TensorBoard or Weights & Biases, or None.
+    A resumed run continues the same wandb run: its id is kept in the run directory."""
+    module = import_tracker(name)
+    if module is None:
+        return None
+    if name == "tensorboard":
+        writer = module.SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"))
+
+        def send(metrics, step):
+            for key, value in metrics.items():
+                writer.add_scalar(key, value, step)
+            writer.flush()
+
+        return send
+    id_path = os.path.join(run_dir, "wandb_run_id")
+    if not os.path.isfile(id_path):
+        with open(id_path, "w") as f:
+            f.write(os.urandom(6).hex())
+    with open(id_path) as f:
+        run_id = f.read().strip()
+    module.init(project=os.environ.get("WANDB_PROJECT", "wikigpt"), name=os.path.basename(os.path.abspath(run_dir)),
+                id=run_id, resume="allow", config=settings, dir=run_dir)
+    return lambda metrics, step: module.log(metrics, step=step)
+
+
+def plot_metrics(metrics_path, png_path):
+    """Four panels: train and validation loss, learning rate, tokens/s and memory, against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed on servers
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
+    train = [r for r in rows if "loss" in r]
+    val = [r for r in rows if "val_loss" in r]
+    if not train:
+        return
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    ax = axes[0, 0]
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8, alpha=0.7, label="train")
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation (fixed batches)")
+    whole = [r for r in val if "whole_val_loss" in r]
+    if whole:
+        ax.plot([r["step"] for r in whole], [r["whole_val_loss"] for r in whole], "*", markersize=12,
+                label="validation, whole split")
+    ax.set(title="Loss", xlabel="step", ylabel="cross-entropy (nats/token, log scale)", yscale="log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
+    ax.legend()
+    panels = [(axes[0, 1], "lr", "Learning rate", "learning rate"),
+              (axes[1, 0], "tokens_per_s", "Throughput", "tokens / s"),
+              (axes[1, 1], "memory_gib", "Memory", "GiB (" + train[-1].get("memory", "") + ")")]
+    for ax, key, title, label in panels:
+        points = [(r["step"], r[key]) for r in train if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), lw=0.8)
+        ax.set(title=title, xlabel="step", ylabel=label)
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = png_path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
+# ---- The run's lines ----
+
+
+def start_console_log(master):
+    """Log lines with the time of day, from the first process only (the others would repeat them)."""
+    logger.remove()
+    if master:
+        logger.add(sys.stderr, format="{time:HH:mm:ss} | {message}", level="INFO")
+
+
+class Monitor:
+    """The log lines, metrics rows, samples and plots of one run. `config` is the run's TrainConfig
+    (max_steps, tokens_per_step, sample_tokens, seed, out_dir, tracker), `run` its Runtime."""
+
+    def __init__(self, config, run, *, flops_per_token, bytes_per_token):
+        self.config, self.run = config, run
+        self.flops_per_token, self.peak = flops_per_token, peak_flops(run.device)
+        self.bytes_per_token = bytes_per_token
+        self.metrics = MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"))
+        self.plots = os.path.join(config.out_dir, "plots.png")
+        self.step_times = []
+
+    def open_tracker(self):
+        if self.run.master:
+            self.metrics.tracker = open_tracker(self.config.tracker, asdict(self.config), self.config.out_dir)
+
+    def start(self, model, *, checkpoint, start_step, compiled, changed_settings):
+        """What the run is: its settings, the model, the device and batch, where it resumes from and
+        what changed since its checkpoint."""
+        config, run, c = self.config, self.run, model.config
+        origin = "resumed" if checkpoint else f"from {config.init_from}" if config.init_from else "new"
+        logger.info(f"config: {json.dumps(asdict(config))}")
+        logger.info(f"model ({origin}): {model.num_params():,} parameters ({model.num_params(embeddings=False):,} "
+                    f"without embeddings), {c.n_layer} layers, {c.n_head} heads, width {c.n_embd}, context "
+                    f"{c.block_size}, dropout {c.dropout}" + (" (--dropout to change)" if config.dropout is None else ""))
+        logger.info(f"device {run.device}, {run.world_size} process(es), autocast "
+                    f"{run.autocast_dtype or 'off (float32)'}, compile {compiled}; {config.tokens_per_step:,} tokens "
+                    f"per step = {run.world_size} x {run.accumulation} micro-batch(es) x {config.batch_size} x "
+                    f"{c.block_size}; {self.flops_per_token / 1e6:.1f} MFLOP per token")
+        logger.info(f"run directory {config.out_dir}")
+        if checkpoint:
+            logger.info(f"resuming from {checkpoint} at step {start_step}")
+        for change in changed_settings:
+            logger.info(f"changed since the run began: {change}")
+
+    def step(self, step, *, loss, lr, norm, elapsed):
+        """One line per optimizer step on the console and in metrics.jsonl."""
+        self.step_times.append(elapsed)
+        if not self.run.master:
+            return
+        tokens_per_s = self.config.tokens_per_step / elapsed
+        memory_label, memory = memory_in_use(self.run.device)
+        eta = (self.config.max_steps - step) * float(np.median(self.step_times[-20:]))
+        mfu = self.flops_per_token * tokens_per_s / self.run.world_size / self.peak if self.peak else None
+        logger.info(f"step {step}/{self.config.max_steps} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.2f} | "
+                    f"{elapsed * 1000:.0f} ms | {tokens_per_s:,.0f} tok/s"
+                    + (f" | MFU {mfu:.1%}" if mfu is not None else "")
+                    + f" | {memory_label} {memory:.2f} GiB | ETA {eta / 60:.1f} min")
+        self.metrics.append({"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "ms": elapsed * 1000,
+                             "tokens_per_s": tokens_per_s, "mfu": mfu, "memory": memory_label, "memory_gib": memory})
+
+    def skipped_update_or_stop(self, step, bad_steps, loss, norm):
+        """Warns of a skipped update; the run stops at --max-bad-steps of them in a row."""
+        logger.warning(f"step {step}: non-finite loss {loss} or gradient norm {norm}; update skipped "
+                       f"({bad_steps} in a row)")
+        if bad_steps >= self.config.max_bad_steps:
+            raise UsageError(f"{bad_steps} non-finite steps in a row at step {step}: training stopped, the last "
+                             f"checkpoint in {self.config.out_dir} is intact; lower --lr or check the data")
+
+    def evaluation(self, step, val, whole, model):
+        """Logs the validation loss of the fixed batches (`val`) and, at the end, of the whole split
+        (`whole`, or None), appends them to metrics.jsonl, prints a text sample and redraws the plots."""
+        if not self.run.master:
+            return
+        bits_per_byte, text = describe_loss(val.loss, self.bytes_per_token)
+        logger.info(f"step {step}: val loss {text}")
+        row = {"step": step, "val_loss": val.loss, "val_bits_per_byte": bits_per_byte}
+        if whole:
+            whole_bits_per_byte, text = describe_loss(whole.loss, self.bytes_per_token)
+            scope = ("the whole validation split" if whole.whole_split
+                     else "the validation split's first windows (--final-eval-tokens)")
+            logger.info(f"step {step}: val loss over {scope} ({whole.tokens:,} tokens) {text}")
+            row.update(whole_val_loss=whole.loss, whole_val_tokens=whole.tokens,
+                       whole_val_bits_per_byte=whole_bits_per_byte)
+        self.metrics.append(row)
+        if self.config.sample_tokens:
+            model.eval()
+            logger.info(f"sample: {sample_text(model, max_new_tokens=self.config.sample_tokens, seed=self.config.seed)!r}")
+            model.train()
+        plot_metrics(self.metrics.path, self.plots)
+
+    def end(self, step, stopped_by, whole):
+        if not self.run.master:
+            return
+        plot_metrics(self.metrics.path, self.plots)
+        if stopped_by:
+            logger.info(f"stopped by {stopped_by} at step {step}; continue with the same command and --resume")
+            return
+        if not whole:
+            result = "not measured (--final-eval-tokens 0)"
+        else:
+            scope = "the whole validation split" if whole.whole_split else f"{whole.tokens:,} validation tokens"
+            result = f"{whole.loss:.4f} over {scope}"
+        logger.info(f"done: {step} steps, val loss {result}; plots in {self.plots}")

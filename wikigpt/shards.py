@@ -1,0 +1,162 @@
+"""The token shards on disk: their format, the manifest that lists them, and reading them back as
+the windows that training and evaluation batch.
+
+gpt_dataset.py writes shards (shard_bytes) and the manifest; gpt_train.py opens the splits
+(open_split), identifies the data by the shards' checksums and reads batches through TokenWindows.
+
+A shard is llm.c's format: a header of 256 int32 (magic 20240520, version 1, token count), then the
+tokens as uint16. manifest.json, written last, marks a dataset as complete and holds each shard's
+split, file name, token count and sha256, and each split's article, character, byte and token counts.
+"""
+
+import glob
+import json
+import os
+
+import numpy as np
+
+from wikigpt.cli import DataError
+from wikigpt.files import file_sha256
+from wikigpt.tokenizer import VOCAB_SIZE
+
+SHARD_MAGIC = 20240520  # llm.c's token shard format
+SHARD_VERSION = 1
+HEADER_INTS = 256  # header size in int32 values (1024 bytes)
+
+
+def shard_bytes(tokens):
+    """A shard's bytes: 256 int32 header (magic, version, token count), then the uint16 tokens."""
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, len(tokens))
+    return header.tobytes() + np.asarray(tokens, dtype=np.uint16).tobytes()
+
+
+def open_shard(path, sha256=None):
+    """The tokens of a shard, memory-mapped (nothing is read until used), after checking the header
+    and the file size; with `sha256`, also the checksum and that every token is in the vocabulary."""
+    try:
+        size = os.path.getsize(path)
+        header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    except OSError as e:
+        raise DataError(f"cannot read shard {path} ({e.strerror}); run gpt_dataset.py again") from e
+    if len(header) < HEADER_INTS or header[0] != SHARD_MAGIC:
+        raise DataError(f"{path} is not a token shard (bad magic number); rebuild it with gpt_dataset.py")
+    if header[1] != SHARD_VERSION:
+        raise DataError(f"{path} has shard version {header[1]}, expected {SHARD_VERSION}; rebuild it with gpt_dataset.py")
+    count = int(header[2])
+    if size != HEADER_INTS * 4 + 2 * count:
+        raise DataError(f"{path} holds {(size - HEADER_INTS * 4) // 2} tokens but its header says {count}: "
+                        "the file is truncated or damaged; delete it and run gpt_dataset.py again")
+    if sha256 is not None and file_sha256(path) != sha256:
+        raise DataError(f"{path} does not match its sha256 in manifest.json: the file is damaged; "
+                        "delete it and run gpt_dataset.py again")
+    tokens = np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(count,))
+    if sha256 is not None and count and int(tokens.max()) >= VOCAB_SIZE:
+        raise DataError(f"{path} holds token ids beyond GPT-2's vocabulary; it was not made for GPT-2")
+    return tokens
+
+
+def load_manifest(data_dir):
+    """The manifest of a finished dataset directory, or a DataError saying how to make one."""
+    path = os.path.join(data_dir, "manifest.json")
+    if not os.path.isdir(data_dir):
+        raise DataError(f"data directory {data_dir} does not exist; make it with "
+                        f"`python gpt_dataset.py --out {data_dir}` (or --source sample)")
+    if not os.path.isfile(path):
+        hint = " (an interrupted run: re-run the same gpt_dataset.py command)" if glob.glob(os.path.join(data_dir, "*.bin")) else ""
+        raise DataError(f"{data_dir} has no manifest.json{hint}; make the dataset with gpt_dataset.py")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        complete = all({"split", "file", "tokens", "sha256"} <= set(s) for s in manifest["shards"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path} is damaged ({type(e).__name__}); run gpt_dataset.py again") from e
+    if not complete:
+        raise DataError(f"{path} is damaged (a shard entry lacks a field); run gpt_dataset.py again")
+    return manifest
+
+
+def open_split(data_dir, split, verify=False):
+    """Memory-mapped token arrays of one split ('train' or 'val'), in order, each header checked."""
+    manifest = load_manifest(data_dir)
+    arrays = []
+    for shard in manifest["shards"]:
+        if shard["split"] == split:
+            tokens = open_shard(os.path.join(data_dir, shard["file"]), shard["sha256"] if verify else None)
+            if len(tokens) != shard["tokens"]:
+                raise DataError(f"{shard['file']} holds {len(tokens)} tokens, manifest.json says "
+                                f"{shard['tokens']}; the dataset is damaged: run gpt_dataset.py again")
+            arrays.append(tokens)
+    if not arrays:
+        raise DataError(f"{data_dir} has no {split} shards; run gpt_dataset.py again")
+    return arrays
+
+
+def shard_checksums(data_dir):
+    """The sha256 of every shard of a dataset, from its manifest: what identifies the data of a run."""
+    return [shard["sha256"] for shard in load_manifest(data_dir)["shards"]]
+
+
+def val_bytes_per_token(data_dir):
+    """UTF-8 bytes per token of the validation split: bits per byte = loss / ln 2 / this, a measure
+    that does not depend on the tokenizer."""
+    val = load_manifest(data_dir)["val"]
+    return val["bytes"] / val["tokens"]
+
+
+class TokenWindows:
+    """Batches of (T + 1)-token windows from memory-mapped shards, for inputs and next-token targets.
+
+    The split is cut into non-overlapping windows; each epoch visits every window once, in an order
+    shuffled by (seed, epoch), B windows to a micro-batch. The position is one integer, the number of
+    micro-batches consumed, saved in checkpoints: a resumed run reads exactly the batches the
+    uninterrupted run would have read. Rank r of N takes micro-batches r, r + N, r + 2N, ..., so N
+    processes read the same data as one process accumulating N micro-batches.
+    """
+
+    def __init__(self, shards, block_size, batch_size, *, seed, rank=0, world_size=1, shuffle=True):
+        self.shards, self.T, self.B = shards, block_size, batch_size
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.offsets = np.cumsum([0] + [len(s) for s in shards])  # where each shard starts in the split
+        self.n_windows = int((self.offsets[-1] - 1) // block_size)
+        self.batches_per_epoch = self.n_windows // batch_size
+        if self.batches_per_epoch < world_size:
+            raise DataError(f"the split holds {self.offsets[-1]:,} tokens, fewer than one batch of "
+                            f"{batch_size * world_size} x {block_size + 1}; use a smaller --batch-size or --block-size")
+        self.batches_done = 0
+        self.epoch_order = (None, None)  # (epoch, its shuffled window order), computed once per epoch
+
+    def order(self, epoch):
+        if self.epoch_order[0] != epoch:
+            n = self.batches_per_epoch * self.B
+            order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            self.epoch_order = (epoch, order)
+        return self.epoch_order[1]
+
+    def window(self, index):
+        """Tokens [index * T, index * T + T + 1) of the split, which may span two shards."""
+        start, end = index * self.T, index * self.T + self.T + 1
+        shard = int(np.searchsorted(self.offsets, start, side="right") - 1)
+        pieces = []
+        while start < end:
+            local = start - self.offsets[shard]
+            take = min(end - start, len(self.shards[shard]) - local)
+            pieces.append(self.shards[shard][local : local + take])
+            start, shard = start + take, shard + 1
+        return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+
+    def stack(self, indices):
+        """(len(indices), T + 1) int64 array of those windows."""
+        return np.stack([self.window(i) for i in indices]).astype(np.int64)
+
+    def next_batch(self):
+        """(B, T + 1) int64 array: this rank's share of the next global micro-batch."""
+        epoch, batch = divmod(self.batches_done + self.rank, self.batches_per_epoch)
+        self.batches_done += self.world_size
+        return self.stack(self.order(epoch)[batch * self.B : (batch + 1) * self.B])
+
+    def state(self):
+        return {"batches_done": self.batches_done}
+
+    def load_state(self, state):
+        self.batches_done = int(state["batches_done"])
