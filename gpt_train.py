@@ -29,13 +29,14 @@ speeds of the training step, are in docs/benchmarks.md.
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple
 
 import torch
 from loguru import logger
 
 from transformer import GPT, GPTConfig, config_from_preset
+from wikigpt import convert
 from wikigpt.checkpoint import TrainingState, gather_rng_states, prune_checkpoints, restore_checkpoint, save_checkpoint
 from wikigpt.cli import CheckpointError, UsageError, flag, parse_config, run_cli
 from wikigpt.monitor import TRACKERS, Monitor, import_tracker, start_console_log
@@ -43,11 +44,13 @@ from wikigpt.runs import checkpoint_to_resume, choose_run_dir, prepare_run_dir
 from wikigpt.runtime import (Runtime, StopSignal, check_dtype_name, join_process_group, leave_process_group,
                              process_device, reuse_freed_memory, torchrun_ranks, training_autocast_dtype,
                              wrap_for_training)
-from wikigpt.shards import TokenWindows, open_split, shard_checksums, val_bytes_per_token
+from wikigpt.shards import TokenWindows, bytes_per_token, load_manifest, open_split, shard_checksums
+from wikigpt.tokenizer import (dataset_tokenizer, describe, hf_tokenizer_files, model_tokenizer, token_byte_lengths,
+                               vocabulary_digest)
 
 @dataclass
 class TrainConfig:
-    data: str = "data/sample_en"  # dataset directory written by gpt_dataset.py
+    data: str = "data/sample_en_bpe8192"  # dataset directory written by gpt_dataset.py
     out_dir: str | None = None  # run directory for checkpoints, logs and plots; default runs/<preset>
     preset: str = "mini"  # model size: tiny, mini, small, gpt2, gpt2-medium, gpt2-large, gpt2-xl
     n_layer: int | None = None  # override the preset's number of blocks
@@ -205,6 +208,12 @@ class ValidationLoss(NamedTuple):
     loss: float  # mean cross-entropy per token, in nats
     tokens: int  # tokens it was measured on
     whole_split: bool  # whether those were every window of the validation split
+    bits_per_byte: float  # the same loss in bits per byte of the text predicted: comparable across tokenizers
+
+
+class ValidationSplit(NamedTuple):
+    windows: TokenWindows  # the split's non-overlapping windows, in order
+    token_bytes: torch.Tensor  # (V,) UTF-8 bytes of each id's text, 0 for <|endoftext|>
 
 
 def fixed_batches(windows, batch_size, eval_steps, run):
@@ -224,19 +233,24 @@ def whole_split_batches(windows, batch_size, max_tokens, run):
 
 
 @torch.no_grad()
-def evaluate(model, windows, batches, run):
-    """The mean loss per token over `batches` (lists of window indices) of every process."""
+def evaluate(model, split, batches, run):
+    """The loss over `batches` (lists of window indices of the validation split) of every process: per
+    token, and per byte of the text that the targets spell. A tokenizer with longer tokens has a
+    higher loss per token for the same model of the text; bits per byte do not depend on it."""
+    windows, token_bytes = split
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=run.device)  # summed loss, tokens
+    total = torch.zeros(3, dtype=torch.float64, device=run.device)  # summed loss, tokens, bytes
     for batch in batches:
         x, y = run.inputs_and_targets(windows.stack(batch))
         with run.autocast():
             loss = model(x, y)[1].double()
-        total += torch.stack([loss * y.numel(), torch.tensor(float(y.numel()), dtype=torch.float64, device=run.device)])
+        count = torch.tensor(float(y.numel()), dtype=torch.float64, device=run.device)
+        total += torch.stack([loss * y.numel(), count, token_bytes[y].sum().double()])
     run.sum_over_processes(total)
     model.train()
-    tokens = int(total[1].item())
-    return ValidationLoss((total[0] / total[1]).item(), tokens, tokens == windows.n_windows * windows.T)
+    loss, tokens, text_bytes = (total[0] / total[1]).item(), int(total[1].item()), total[2].item()
+    bits_per_byte = loss * tokens / math.log(2) / text_bytes
+    return ValidationLoss(loss, tokens, tokens == windows.n_windows * windows.T, bits_per_byte)
 
 
 # ---- Set-up ----
@@ -253,6 +267,21 @@ def build_model(config, model_config, checkpoint):
     return model
 
 
+def sized_for_tokenizer(model_config, tokenizer, config):
+    """The model's config for the dataset's tokenizer. A new model gets one row per id, padded to a
+    multiple of 64 (GPT-2's 50,257 become 50,304; the padding logits are masked), and the tokenizer's
+    end-of-text id; a pretrained one (--init-from) must have learned the same vocabulary."""
+    if not config.init_from:
+        rows = math.ceil(tokenizer.n_vocab / 64) * 64
+        return replace(model_config, vocab_size=tokenizer.n_vocab, padded_vocab_size=rows, eot_token=tokenizer.eot_token)
+    pretrained = model_tokenizer(convert.model_directory(config.init_from))
+    if vocabulary_digest(pretrained) != vocabulary_digest(tokenizer):
+        raise UsageError(f"--init-from {config.init_from} learned the ids of {describe(pretrained)}, the shards in "
+                         f"{config.data} hold those of {describe(tokenizer)}; make the data with the model's tokenizer "
+                         "(gpt_dataset.py --tokenizer gpt2 for GPT-2's)")
+    return model_config
+
+
 def set_up(config):
     """Everything the loop needs, in an order that refuses bad input before anything is written: the
     settings, the run directory and the checkpoint to resume, the processes and the device, the
@@ -262,7 +291,10 @@ def set_up(config):
     config, model_config, accumulation = resolve_config(config, world_size)
     config.out_dir = choose_run_dir(config)
     data_shards = shard_checksums(config.data)  # what identifies the data: recorded in every checkpoint
-    checkpoint, changed_settings = checkpoint_to_resume(config.out_dir, config, data_shards)
+    tokenizer_spec = load_manifest(config.data)["tokenizer"]
+    tokenizer = dataset_tokenizer(config.data, tokenizer_spec)  # its file checked against the manifest's sha256
+    model_config = sized_for_tokenizer(model_config, tokenizer, config)
+    checkpoint, changed_settings = checkpoint_to_resume(config.out_dir, config, data_shards, tokenizer_spec)
     device = process_device(config.device, local_rank, world_size)
     join_process_group(device, world_size)
     if device.type == "cpu" and config.reuse_memory:
@@ -282,20 +314,24 @@ def set_up(config):
     T, B = model.config.block_size, config.batch_size  # the model's context, which a checkpoint sets
     optimizers = make_optimizers(model, name=config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
                                  betas=(config.beta1, config.beta2), device_type=device.type)
+    tokenizer_json = None if tokenizer_spec["kind"] == "gpt2" else \
+        open(f"{config.data}/{tokenizer_spec['file']}", encoding="utf-8").read()
     state = TrainingState(model, optimizers, torch.amp.GradScaler("cuda", enabled=run.autocast_dtype == torch.float16),
                           TokenWindows(train_shards, T, B, seed=config.seed, rank=rank, world_size=world_size),
-                          settings=asdict(config), data_shards=data_shards)
-    val_windows = TokenWindows(val_shards, T, B, seed=config.seed, rank=rank, world_size=world_size, shuffle=False)
+                          settings=asdict(config), data_shards=data_shards, tokenizer=tokenizer_spec,
+                          tokenizer_files=hf_tokenizer_files(T, tokenizer_json))
+    val = ValidationSplit(TokenWindows(val_shards, T, B, seed=config.seed, rank=rank, world_size=world_size,
+                                       shuffle=False), torch.tensor(token_byte_lengths(tokenizer), device=device))
     if checkpoint:
         restore_checkpoint(checkpoint, state, run)
-    monitor = Monitor(config, run, flops_per_token=model.flops_per_token(T),
-                      bytes_per_token=val_bytes_per_token(config.data))
+    monitor = Monitor(config, run, tokenizer, flops_per_token=model.flops_per_token(T),
+                      train_bytes_per_token=bytes_per_token(config.data, "train"))
     if run.master:
         prepare_run_dir(config.out_dir, config, model.config, state.step if checkpoint else None)
         monitor.open_tracker()
     monitor.start(model, checkpoint=checkpoint, start_step=state.step, compiled=compiled,
                   changed_settings=changed_settings)
-    return run, state, val_windows, monitor, compiled
+    return run, state, val, monitor, compiled
 
 
 # ---- The loop ----
@@ -325,10 +361,10 @@ def clip_and_step(state, loss, lr, grad_clip):
 
 def main(argv=None):
     config = parse_config(TrainConfig, argv, description=__doc__.split("\n\n")[0])
-    run, state, val_windows, monitor, compiled = set_up(config)
+    run, state, val_split, monitor, compiled = set_up(config)
     eval_model = torch.compile(state.model) if compiled else state.model  # DDP is not needed to evaluate
     model = wrap_for_training(eval_model, run)  # with several processes, DDP averages the gradients
-    eval_batches = fixed_batches(val_windows, config.batch_size, config.eval_steps, run)
+    eval_batches = fixed_batches(val_split.windows, config.batch_size, config.eval_steps, run)
     stop, start_step, bad_steps, whole = StopSignal(), state.step, 0, None
     try:
         model.train()
@@ -336,11 +372,11 @@ def main(argv=None):
             last, val = state.step == config.max_steps, None
             stopping = run.any_process(stop.received is not None)  # every process stops at the same step
             if (state.step % config.eval_interval == 0 or last) and not stopping:
-                val = evaluate(eval_model, val_windows, eval_batches, run)
+                val = evaluate(eval_model, val_split, eval_batches, run)
                 state.best_val_loss = val.loss if state.best_val_loss is None else min(state.best_val_loss, val.loss)
                 if last and config.final_eval_tokens:  # the run's result: every window of the split
-                    batches = whole_split_batches(val_windows, config.batch_size, config.final_eval_tokens, run)
-                    whole = evaluate(eval_model, val_windows, batches, run)
+                    batches = whole_split_batches(val_split.windows, config.batch_size, config.final_eval_tokens, run)
+                    whole = evaluate(eval_model, val_split, batches, run)
                 monitor.evaluation(state.step, val, whole, state.model)
             if (state.step % config.ckpt_interval == 0 and state.step > start_step) or last or stopping:
                 rng = gather_rng_states(run)  # every process takes part in gathering them

@@ -20,13 +20,14 @@ from dataclasses import dataclass
 
 import torch
 
-from transformer import GPT, check_sampling
+from transformer import GPT, GPTConfig, check_sampling
+from wikigpt import convert
 from wikigpt.checkpoint import best_checkpoint
 from wikigpt.cli import UsageError, parse_config, run_cli
 from wikigpt.generation import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, generate_text
 from wikigpt.runs import newest_run
 from wikigpt.runtime import check_dtype_name, inference_weight_dtype, pick_device
-from wikigpt.tokenizer import EOT_TOKEN, gpt2_tokenizer
+from wikigpt.tokenizer import check_tokenizer_fits, model_tokenizer
 
 
 @dataclass
@@ -73,13 +74,21 @@ def load_model(path_or_name, device, dtype=torch.float32):
     return GPT.from_pretrained(path_or_name).to(device=device, dtype=dtype).eval()
 
 
+def load_tokenizer(directory):
+    """The model's own tokenizer (a trained BPE's tokenizer.json, else GPT-2's), refused if it has
+    more ids than the model has rows, from config.json alone, before the model is built."""
+    tokenizer = model_tokenizer(directory)
+    check_tokenizer_fits(tokenizer, GPTConfig.from_pretrained(directory), directory)
+    return tokenizer
+
+
 # ---- Sampling ----
 
 
-def encode_prompt(prompt, block_size):
+def encode_prompt(tokenizer, prompt, block_size):
     """(token ids, tokens cut from the front). An empty prompt becomes <|endoftext|>, which is how every
     training article starts. A prompt longer than the context keeps its end, leaving room to generate."""
-    ids = gpt2_tokenizer().encode_ordinary(prompt) if prompt else [EOT_TOKEN]
+    ids = tokenizer.encode_ordinary(prompt) if prompt else [tokenizer.eot_token]
     keep = max(1, block_size // 2) if len(ids) >= block_size else len(ids)
     return ids[len(ids) - keep :], len(ids) - keep
 
@@ -102,8 +111,10 @@ def main(argv=None):
     dtype = inference_weight_dtype(config.dtype, device)
     path, note = resolve_checkpoint(config.checkpoint, config.runs_dir)
     print(note, file=sys.stderr)
-    model = load_model(path, device, dtype)
-    prompt_ids, cut = encode_prompt(config.input, model.config.block_size)
+    directory = convert.model_directory(path)  # a hub name is downloaded here
+    tokenizer = load_tokenizer(directory)
+    model = load_model(directory, device, dtype)
+    prompt_ids, cut = encode_prompt(tokenizer, config.input, model.config.block_size)
     if cut:
         print(f"the prompt is longer than the model's context of {model.config.block_size} tokens: "
               f"using its last {len(prompt_ids)} tokens", file=sys.stderr)
@@ -116,7 +127,7 @@ def main(argv=None):
         if config.num_samples > 1:
             print(f"\n--- sample {i + 1} ---")
         show(config.input)
-        generate_text(model, gpt2_tokenizer(), prompt_ids, max_new_tokens=config.max_new_tokens,
+        generate_text(model, tokenizer, prompt_ids, max_new_tokens=config.max_new_tokens,
                       temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, seed=config.seed + i,
                       stop_at_eot=config.stop_at_eot, use_cache=config.cache, on_text=show)
         print()

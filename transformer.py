@@ -44,8 +44,9 @@ from wikigpt.tokenizer import EOT_TOKEN, VOCAB_SIZE
 @dataclass
 class GPTConfig:
     block_size: int = 1024  # context length in tokens; sets the size of the position table
-    vocab_size: int = VOCAB_SIZE  # real tokens; logits beyond them are masked out
-    padded_vocab_size: int = 50304  # embedding rows: 50257 rounded up to a multiple of 64 for fast matmuls
+    vocab_size: int = VOCAB_SIZE  # real tokens (GPT-2's BPE by default); logits beyond them are masked out
+    padded_vocab_size: int = 50304  # embedding rows: vocab_size rounded up to a multiple of 64 for fast matmuls
+    eot_token: int = EOT_TOKEN  # <|endoftext|>, which starts every article: where document_mask cuts
     n_layer: int = 12  # transformer blocks
     n_head: int = 12  # attention heads per block
     n_embd: int = 768  # residual stream width C
@@ -59,6 +60,8 @@ class GPTConfig:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.padded_vocab_size < self.vocab_size:
             raise ValueError("padded_vocab_size must be at least vocab_size")
+        if not 0 <= self.eot_token < self.vocab_size:
+            raise ValueError(f"eot_token ({self.eot_token}) must be one of the vocabulary's ids")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.attention not in ("sdpa", "manual"):
@@ -112,11 +115,11 @@ def causal_mask(T, past, device):
     return torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)
 
 
-def document_mask(idx):
+def document_mask(idx, eot_token):
     """(B, 1, T, T) booleans for a training window of several articles: causal, and a token sees only
-    the tokens of its own article (each starts with <|endoftext|>), not the end of the one before."""
+    the tokens of its own article (each starts with eot_token), not the end of the one before."""
     B, T = idx.size()
-    article = (idx == EOT_TOKEN).cumsum(dim=1)  # (B, T): which article of the window each token is in
+    article = (idx == eot_token).cumsum(dim=1)  # (B, T): which article of the window each token is in
     same_article = article[:, :, None] == article[:, None, :]  # (B, T, T)
     return (same_article & causal_mask(T, 0, idx.device))[:, None]  # (B, 1, T, T), one mask for all heads
 
@@ -248,7 +251,7 @@ class GPT(nn.Module):
             raise ValueError(f"{past + T} positions exceed the context of {self.config.block_size}")
         pos = torch.arange(past, past + T, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        mask = document_mask(idx) if mask_documents else None
+        mask = document_mask(idx, self.config.eot_token) if mask_documents else None
         for layer, block in enumerate(self.transformer.h):
             x = block(x, cache, layer, mask)
         if cache is not None:

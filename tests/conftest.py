@@ -92,9 +92,25 @@ def assert_one_clear_error(result, message):
 
 @pytest.fixture(scope="session")
 def sample_dir(tmp_path_factory):
-    """The English sample (~1M tokens of real articles) as train and val shards."""
-    out = tmp_path_factory.mktemp("data") / "sample_en"
+    """The English sample (~1M tokens of real articles) as train and val shards of GPT-2's BPE."""
+    out = tmp_path_factory.mktemp("data") / "sample_en_gpt2"
+    gpt_dataset.main(["--source", "sample", "--out", str(out), "--workers", "2", "--tokenizer", "gpt2"])
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def bpe_sample_dir(tmp_path_factory):
+    """The English sample with the default tokenizer: a BPE of 8,192 ids trained on its training split."""
+    out = tmp_path_factory.mktemp("data") / "sample_en_bpe8192"
     gpt_dataset.main(["--source", "sample", "--out", str(out), "--workers", "2"])
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def french_bpe_dir(tmp_path_factory):
+    """The French sample with a BPE trained on its own training split."""
+    out = tmp_path_factory.mktemp("data") / "sample_fr_bpe8192"
+    gpt_dataset.main(["--source", "sample", "--lang", "fr", "--out", str(out), "--workers", "2"])
     return str(out)
 
 

@@ -17,16 +17,17 @@ import gpt_dataset
 from wikigpt import files, shards, sources, tokenizer
 from wikigpt.cli import DataError, UsageError
 from wikigpt.shards import load_manifest, open_shard, open_split
-from wikigpt.tokenizer import gpt2_tokenizer
+from wikigpt.tokenizer import dataset_tokenizer, gpt2_tokenizer
 from conftest import FAST_TRAINING, ROOT, articles_read, as_from_a_shell, assert_one_clear_error, run_script, script, wait_for_work
 
 
 def decoded_documents(data_dir, split):
-    """The documents of a split as text, split at the <|endoftext|> token."""
+    """The documents of a split as text, split at the <|endoftext|> token, decoded by the dataset's tokenizer."""
+    tokenizer = dataset_tokenizer(data_dir, load_manifest(data_dir)["tokenizer"])
     tokens = np.concatenate(open_split(data_dir, split))
-    assert tokens[0] == 50256
-    starts = np.flatnonzero(tokens == 50256).tolist() + [len(tokens)]
-    decode = gpt2_tokenizer().decode
+    assert tokens[0] == tokenizer.eot_token
+    starts = np.flatnonzero(tokens == tokenizer.eot_token).tolist() + [len(tokens)]
+    decode = tokenizer.decode
     return [decode(tokens[a + 1 : b].tolist()) for a, b in zip(starts, starts[1:])]
 
 
@@ -122,7 +123,8 @@ def test_a_small_source_gets_a_usable_validation_split_with_default_flags(tmp_pa
     gpt_dataset.main(["--source", dump_path, "--out", str(hashed), "--val-fraction", "0.2"])
     manifest = load_manifest(str(out))
     assert manifest["val"]["articles"] >= 1
-    assert manifest["val"]["tokens"] >= 0.05 * (manifest["train"]["tokens"] + manifest["val"]["tokens"])
+    # at least 5% of the text (counted in characters, which do not depend on the tokenizer)
+    assert manifest["val"]["chars"] >= 0.05 * (manifest["train"]["chars"] + manifest["val"]["chars"])
     train, val = decoded_documents(str(out), "train"), decoded_documents(str(out), "val")
     assert sorted(train + val) == sorted(decoded_documents(str(hashed), "train") + decoded_documents(str(hashed), "val"))
     result = run_script("gpt_train.py", ["--data", str(out), "--out-dir", str(tmp_path / "run"), *FAST_TRAINING,
@@ -170,7 +172,7 @@ def test_text_normalisation_short_articles_and_literal_separators(tmp_path):
     assert len(docs) == 3  # "too short" dropped; a literal separator does not split a document
     assert any(doc.startswith("Caf\u00e9 ") for doc in docs)  # NFC: one code point
     tokens = np.concatenate(open_split(out, "train") + open_split(out, "val"))
-    assert int((tokens == 50256).sum()) == 3
+    assert int((tokens == load_manifest(out)["tokenizer"]["eot_token"]).sum()) == 3
 
 
 def fake_hub_dataset(directory, articles_per_file=400, files=3):
@@ -208,7 +210,8 @@ def test_an_interrupted_hub_download_resumes_from_the_streams_position(tmp_path,
     monkeypatch.setattr(datasets, "load_dataset", load_from_the_fake_hub)
     monkeypatch.setattr(sources.socket, "create_connection", lambda *args, **kwargs: io.StringIO())
     assert sources.hub_articles("en", "20231101").total == 1200  # the progress bar's total, for its ETA
-    args = ["--source", "wikipedia", "--shard-tokens", "2000", "--workers", "1", "--batch-chars", "20000"]
+    args = ["--source", "wikipedia", "--shard-tokens", "2000", "--workers", "1", "--batch-chars", "20000",
+            "--tokenizer", "gpt2"]  # one pass over the stream: a trained BPE reads its start once more first
     gpt_dataset.main(args + ["--out", str(tmp_path / "reference")])
     assert len(pulled) == 1200
 
@@ -276,16 +279,16 @@ def test_damaged_shards_are_refused(tmp_path, sample_dir, damage, message, needs
 
 def test_token_ids_beyond_the_vocabulary_are_refused(tmp_path):
     path = tmp_path / "bad.bin"
-    data = shards.shard_bytes(np.array([50256, 60000, 3], dtype=np.uint16))
+    data = shards.shard_bytes(np.array([50256, 60000, 3], dtype=np.uint16), 50257)
     path.write_bytes(data)
-    with pytest.raises(DataError, match="beyond GPT-2's vocabulary"):
+    with pytest.raises(DataError, match="beyond its vocabulary of 50,257"):
         open_shard(str(path), hashlib.sha256(data).hexdigest())
 
 
 def test_missing_manifest_and_directory_are_refused(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_manifest(str(tmp_path / "none"))
-    (tmp_path / "train_000000.bin").write_bytes(shards.shard_bytes(np.zeros(4, np.uint16)))
+    (tmp_path / "train_000000.bin").write_bytes(shards.shard_bytes(np.zeros(4, np.uint16), 50257))
     with pytest.raises(DataError, match="interrupted run"):
         load_manifest(str(tmp_path))
 
@@ -305,6 +308,9 @@ def test_a_directory_of_other_settings_is_not_overwritten(tmp_path):
     (["--source", "/nonexistent/dump.xml.bz2"], "names no readable files"),
     (["--source", "sample", "--lang", "de"], "the sample exists for"),
     (["--val-fraction", "1.5"], "--val-fraction"),
+    (["--source", "sample", "--vocab-size", "70000"], "--vocab-size must be between 258 and 65,536"),
+    (["--source", "sample", "--tokenizer", "gpt2", "--vocab-size", "4096"], "--vocab-size sizes a trained BPE"),
+    (["--source", "sample", "--tokenizer", "sentencepiece"], "--tokenizer must be bpe or gpt2"),
 ])
 def test_bad_command_lines_get_one_clear_line(args, message):
     assert_one_clear_error(run_script("gpt_dataset.py", args), message)
@@ -313,7 +319,8 @@ def test_bad_command_lines_get_one_clear_line(args, message):
 def test_help_lists_every_setting():
     result = run_script("gpt_dataset.py", ["--help"])
     assert result.returncode == 0
-    for flag in ("--source", "--lang", "--date", "--out", "--shard-tokens", "--max-tokens", "--workers"):
+    for flag in ("--source", "--lang", "--date", "--out", "--shard-tokens", "--max-tokens", "--workers", "--tokenizer",
+                 "--vocab-size", "--tokenizer-chars"):
         assert flag in result.stdout
 
 

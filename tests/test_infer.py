@@ -68,9 +68,9 @@ def test_same_seed_same_text_and_cli_is_reproducible(tmp_path):
 
 
 def test_empty_prompt_starts_a_new_document_and_long_prompts_keep_their_end():
-    assert infer.encode_prompt("", 64) == ([50256], 0)
+    assert infer.encode_prompt(gpt2_tokenizer(), "", 64) == ([50256], 0)
     ids = gpt2_tokenizer().encode_ordinary("word " * 100)
-    kept, cut = infer.encode_prompt("word " * 100, 64)
+    kept, cut = infer.encode_prompt(gpt2_tokenizer(), "word " * 100, 64)
     assert kept == ids[-32:] and cut == len(ids) - 32
 
 

@@ -1,6 +1,7 @@
 """gpt_train.py: schedule, data windows, an end-to-end run, exact resume, signals, NaNs, DDP, bad input."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -23,6 +24,7 @@ from wikigpt import checkpoint
 from wikigpt.cli import UsageError
 from wikigpt.runtime import Runtime
 from wikigpt.shards import TokenWindows, open_split
+from wikigpt.tokenizer import gpt2_tokenizer, token_byte_lengths
 
 FAST = [*FAST_TRAINING, "--sample-tokens", "8"]
 
@@ -144,9 +146,15 @@ def test_the_result_is_the_loss_over_the_whole_validation_split(sample_dir, tmp_
                   for i in range(windows)]
     assert final["whole_val_loss"] == pytest.approx(np.mean(losses), rel=1e-5)
     assert final["whole_val_loss"] != pytest.approx(final["val_loss"], rel=1e-4)  # not the fixed batches'
-    run, windows = Runtime(torch.device("cpu")), TokenWindows(open_split(sample_dir, "val"), 32, 4, seed=0, shuffle=False)
-    capped = gpt_train.evaluate(model, windows, gpt_train.whole_split_batches(windows, 4, 10 * 32, run), run)
-    assert capped == (pytest.approx(np.mean(losses[:10]), rel=1e-5), 10 * 32, False)  # --final-eval-tokens: the first windows
+    # Bits per byte: the summed loss in bits over the UTF-8 bytes of the text the targets spell.
+    decode = gpt2_tokenizer().decode_single_token_bytes
+    target_bytes = sum(len(decode(int(t))) for t in val[1 : windows * 32 + 1] if t != 50256)
+    assert final["whole_val_bits_per_byte"] == pytest.approx(sum(losses) * 32 / math.log(2) / target_bytes, rel=1e-5)
+    run = Runtime(torch.device("cpu"))
+    split = gpt_train.ValidationSplit(TokenWindows(open_split(sample_dir, "val"), 32, 4, seed=0, shuffle=False),
+                                      torch.tensor(token_byte_lengths(gpt2_tokenizer())))
+    capped = gpt_train.evaluate(model, split, gpt_train.whole_split_batches(split.windows, 4, 10 * 32, run), run)
+    assert capped[:3] == (pytest.approx(np.mean(losses[:10]), rel=1e-5), 10 * 32, False)  # --final-eval-tokens: the first windows
 
 
 def test_masked_documents_and_z_loss_change_training_but_not_evaluation(sample_dir, tmp_path):
@@ -433,7 +441,8 @@ def test_resume_refuses_settings_that_make_another_run(sample_dir, reference_run
     run = tmp_path / "run"
     shutil.copytree(reference_run / "ckpt_0000004", run / "ckpt_0000004")
     if change[1] == "OTHER":
-        gpt_dataset.main(["--source", "sample", "--max-tokens", "100000", "--out", str(tmp_path / "other")])
+        gpt_dataset.main(["--source", "sample", "--max-tokens", "100000", "--out", str(tmp_path / "other"),
+                          "--tokenizer", "gpt2"])
         change = ["--data", str(tmp_path / "other")]
     args = ["--data", sample_dir, "--out-dir", str(run), *FAST, *RESUME, "--resume", *change]
     result = run_script("gpt_train.py", args)
@@ -451,9 +460,9 @@ def test_resume_follows_a_dataset_that_moved(sample_dir, reference_run, tmp_path
     assert [r["loss"] for r in metrics(run) if "loss" in r] == expected
 
 
-def test_the_quickstart_runs_twice_in_the_same_folder(sample_dir, tmp_path):
+def test_the_quickstart_runs_twice_in_the_same_folder(bpe_sample_dir, tmp_path):
     """The one-liner again: a new run beside the first, which infer.py then finds; --resume continues it."""
-    shutil.copytree(sample_dir, tmp_path / "data" / "sample_en")
+    shutil.copytree(bpe_sample_dir, tmp_path / "data" / "sample_en_bpe8192")
     train_args = [*FAST_TRAINING, "--sample-tokens", "0", "--max-steps", "2"]
     for attempt in (1, 2):
         for name, args in [("gpt_dataset.py", ["--source", "sample"]), ("gpt_train.py", train_args),

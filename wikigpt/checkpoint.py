@@ -5,8 +5,9 @@ Used by gpt_train.py (save, restore, prune) and, for finding checkpoints, by inf
 wikigpt/runs.py. A run directory holds checkpoints `ckpt_NNNNNNN/` (the optimizer step, seven digits),
 each with
     config.json, model.safetensors, generation_config.json    the model (GPT.save_pretrained)
-    vocab.json, merges.txt, tokenizer_config.json, ...        the tokenizer, as AutoTokenizer loads it
-    trainer_state.json     step, data position, validation loss, the run's settings and shards' sha256
+    tokenizer.json or vocab.json, merges.txt; ...            the tokenizer, as AutoTokenizer loads it
+    trainer_state.json     step, data position, validation loss, the run's settings, its tokenizer and
+                           the sha256 of its shards
     optimizer.safetensors  every optimizer's moments (their step counts and settings are in the JSON)
     rng.safetensors        the RNG states of every process
 Nothing is pickled. A checkpoint is written under a temporary name and renamed when every file is on
@@ -23,7 +24,6 @@ from dataclasses import dataclass, field
 import torch
 
 from wikigpt.cli import CheckpointError, UsageError
-from wikigpt.tokenizer import write_hf_tokenizer
 
 CHECKPOINT_NAME = re.compile(r"^ckpt_(\d{7})$")
 TRAINER_STATE = "trainer_state.json"
@@ -98,6 +98,8 @@ class TrainingState:
     train_windows: object  # shards.TokenWindows: the data position
     settings: dict = field(default_factory=dict)  # the run's TrainConfig, recorded to compare on resume
     data_shards: list = field(default_factory=list)  # sha256 of every shard: what identifies the data
+    tokenizer: dict = field(default_factory=dict)  # the dataset manifest's tokenizer block
+    tokenizer_files: dict = field(default_factory=dict)  # {name: bytes} of its Hugging Face files
     step: int = 0  # optimizer steps done
     best_val_loss: float | None = None
 
@@ -158,7 +160,9 @@ def save_checkpoint(run_dir, state, *, val_loss, rng):
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         state.model.save_pretrained(tmp)  # model.safetensors, config.json, generation_config.json
-        write_hf_tokenizer(tmp, state.model.config.block_size)  # so that AutoTokenizer and pipeline load it too
+        for name, data in state.tokenizer_files.items():  # so that AutoTokenizer and pipeline load it too
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
         tensors, optimizer_meta = flatten_optimizer_states(state.optimizers)
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, os.path.join(tmp, OPTIMIZER_FILE))
         save_file({f"rank{r}.{k}": v.cpu() for r, states in enumerate(rng) for k, v in states.items()},
@@ -167,7 +171,8 @@ def save_checkpoint(run_dir, state, *, val_loss, rng):
                          "other_optimizers": optimizer_meta[1:],
                          "scaler": state.scaler.state_dict() if state.scaler.is_enabled() else None,
                          VAL_LOSS_KEY: val_loss, "best_val_loss": state.best_val_loss,
-                         "train_config": state.settings, "data_shards": state.data_shards}
+                         "train_config": state.settings, "data_shards": state.data_shards,
+                         "tokenizer": state.tokenizer}
         with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
             json.dump(trainer_state, f, indent=1)
         for name in os.listdir(tmp):  # flush to disk before the rename makes the checkpoint visible

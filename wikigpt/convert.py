@@ -47,8 +47,8 @@ def hf_config_dict(config):
         "initializer_range": 0.02,
         "scale_attn_weights": True,
         "tie_word_embeddings": True,
-        "bos_token_id": EOT_TOKEN,
-        "eos_token_id": EOT_TOKEN,
+        "bos_token_id": config.eot_token,
+        "eos_token_id": config.eot_token,
         "padded_vocab_size": config.padded_vocab_size,
         "attention": config.attention,
     }
@@ -73,7 +73,8 @@ def write_hf_model(directory, state_dict, config):
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(hf_config_dict(config), f, indent=2)
     with open(os.path.join(directory, "generation_config.json"), "w") as f:  # what pipeline() samples with
-        json.dump({"bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN, "pad_token_id": EOT_TOKEN,
+        eot = config.eot_token
+        json.dump({"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot,
                    "do_sample": True, "temperature": DEFAULT_TEMPERATURE, "top_k": DEFAULT_TOP_K}, f, indent=2)
 
 
@@ -138,6 +139,7 @@ def read_config(directory, config_class, **overrides):
             n_head=int(hf["n_head"]),
             n_embd=int(hf["n_embd"]),
             dropout=float(hf.get("resid_pdrop", 0.0)),
+            eot_token=hf["eos_token_id"] if isinstance(hf.get("eos_token_id"), int) else min(EOT_TOKEN, vocab_size - 1),
             attention=str(hf.get("attention", "sdpa")),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -19,7 +19,6 @@ from loguru import logger
 
 from wikigpt.cli import UsageError
 from wikigpt.generation import generate_text
-from wikigpt.tokenizer import EOT_TOKEN, gpt2_tokenizer
 
 # ---- Measures ----
 
@@ -51,17 +50,18 @@ def memory_in_use(device):
     return "rss_peak", rss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
-def describe_loss(loss, bytes_per_token):
-    """(bits per byte, the text that reports a loss): nats per token, perplexity (e^loss: as unsure as
-    a uniform choice among that many tokens) and bits per byte (comparable across tokenizers)."""
-    bits_per_byte = loss / math.log(2) / bytes_per_token
-    return bits_per_byte, f"{loss:.4f} | perplexity {math.exp(min(loss, 50)):.1f} | bits/byte {bits_per_byte:.3f}"
+def describe_loss(result):
+    """A validation result as the log shows it: bits per byte first (comparable across tokenizers),
+    then nats per token and perplexity (e^loss: as unsure as a uniform choice among that many tokens),
+    which compare only runs of one tokenizer."""
+    return (f"{result.bits_per_byte:.3f} bits/byte | loss {result.loss:.4f} nats/token | "
+            f"perplexity {math.exp(min(result.loss, 50)):.1f}")
 
 
-def sample_text(model, *, max_new_tokens, seed):
+def sample_text(model, tokenizer, *, max_new_tokens, seed):
     """A continuation of <|endoftext|> (the start of a new article), as text: what the model writes
     now, sampled as infer.py does by default."""
-    return generate_text(model, gpt2_tokenizer(), [EOT_TOKEN], max_new_tokens=max_new_tokens, seed=seed)
+    return generate_text(model, tokenizer, [tokenizer.eot_token], max_new_tokens=max_new_tokens, seed=seed)
 
 
 # ---- metrics.jsonl and trackers ----
@@ -121,7 +121,8 @@ def open_tracker(name, settings, run_dir):
 
 
 def plot_metrics(metrics_path, png_path):
-    """Four panels: train and validation loss, learning rate, tokens/s and memory, against the step."""
+    """Four panels against the step: train and validation loss in bits per byte (the training loss at
+    its split's mean bytes per token), learning rate, tokens/s and memory."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed on servers
@@ -135,16 +136,17 @@ def plot_metrics(metrics_path, png_path):
         return
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     ax = axes[0, 0]
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8, alpha=0.7, label="train")
+    ax.plot([r["step"] for r in train], [r["bits_per_byte"] for r in train], lw=0.8, alpha=0.7, label="train")
     if val:
-        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation (fixed batches)")
+        ax.plot([r["step"] for r in val], [r["val_bits_per_byte"] for r in val], "o-",
+                label="validation (fixed batches)")
     whole = [r for r in val if "whole_val_loss" in r]
     if whole:
-        ax.plot([r["step"] for r in whole], [r["whole_val_loss"] for r in whole], "*", markersize=12,
+        ax.plot([r["step"] for r in whole], [r["whole_val_bits_per_byte"] for r in whole], "*", markersize=12,
                 label="validation, whole split")
-    ax.set(title="Loss", xlabel="step", ylabel="cross-entropy (nats/token, log scale)", yscale="log")
-    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
+    ax.set(title="Loss", xlabel="step", ylabel="bits per byte of text (log scale)", yscale="log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2f"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.2f"))
     ax.legend()
     panels = [(axes[0, 1], "lr", "Learning rate", "learning rate"),
               (axes[1, 0], "tokens_per_s", "Throughput", "tokens / s"),
@@ -177,10 +179,10 @@ class Monitor:
     """The log lines, metrics rows, samples and plots of one run. `config` is the run's TrainConfig
     (max_steps, tokens_per_step, sample_tokens, seed, out_dir, tracker), `run` its Runtime."""
 
-    def __init__(self, config, run, *, flops_per_token, bytes_per_token):
-        self.config, self.run = config, run
+    def __init__(self, config, run, tokenizer, *, flops_per_token, train_bytes_per_token):
+        self.config, self.run, self.tokenizer = config, run, tokenizer
         self.flops_per_token, self.peak = flops_per_token, peak_flops(run.device)
-        self.bytes_per_token = bytes_per_token
+        self.train_bytes_per_token = train_bytes_per_token  # of the training split, from its manifest
         self.metrics = MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"))
         self.plots = os.path.join(config.out_dir, "plots.png")
         self.step_times = []
@@ -202,7 +204,7 @@ class Monitor:
                     f"{run.autocast_dtype or 'off (float32)'}, compile {compiled}; {config.tokens_per_step:,} tokens "
                     f"per step = {run.world_size} x {run.accumulation} micro-batch(es) x {config.batch_size} x "
                     f"{c.block_size}; {self.flops_per_token / 1e6:.1f} MFLOP per token")
-        logger.info(f"run directory {config.out_dir}")
+        logger.info(f"tokenizer {self.tokenizer.name}: {self.tokenizer.n_vocab:,} ids; run directory {config.out_dir}")
         if checkpoint:
             logger.info(f"resuming from {checkpoint} at step {start_step}")
         for change in changed_settings:
@@ -221,8 +223,10 @@ class Monitor:
                     f"{elapsed * 1000:.0f} ms | {tokens_per_s:,.0f} tok/s"
                     + (f" | MFU {mfu:.1%}" if mfu is not None else "")
                     + f" | {memory_label} {memory:.2f} GiB | ETA {eta / 60:.1f} min")
-        self.metrics.append({"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "ms": elapsed * 1000,
-                             "tokens_per_s": tokens_per_s, "mfu": mfu, "memory": memory_label, "memory_gib": memory})
+        bits_per_byte = loss / math.log(2) / self.train_bytes_per_token  # at the split's mean bytes per token
+        self.metrics.append({"step": step, "loss": loss, "bits_per_byte": bits_per_byte, "lr": lr, "grad_norm": norm,
+                             "ms": elapsed * 1000, "tokens_per_s": tokens_per_s, "mfu": mfu, "memory": memory_label,
+                             "memory_gib": memory})
 
     def skipped_update_or_stop(self, step, bad_steps, loss, norm):
         """Warns of a skipped update; the run stops at --max-bad-steps of them in a row."""
@@ -237,20 +241,19 @@ class Monitor:
         (`whole`, or None), appends them to metrics.jsonl, prints a text sample and redraws the plots."""
         if not self.run.master:
             return
-        bits_per_byte, text = describe_loss(val.loss, self.bytes_per_token)
-        logger.info(f"step {step}: val loss {text}")
-        row = {"step": step, "val_loss": val.loss, "val_bits_per_byte": bits_per_byte}
+        logger.info(f"step {step}: val {describe_loss(val)}")
+        row = {"step": step, "val_loss": val.loss, "val_bits_per_byte": val.bits_per_byte}
         if whole:
-            whole_bits_per_byte, text = describe_loss(whole.loss, self.bytes_per_token)
             scope = ("the whole validation split" if whole.whole_split
                      else "the validation split's first windows (--final-eval-tokens)")
-            logger.info(f"step {step}: val loss over {scope} ({whole.tokens:,} tokens) {text}")
+            logger.info(f"step {step}: val over {scope} ({whole.tokens:,} tokens) {describe_loss(whole)}")
             row.update(whole_val_loss=whole.loss, whole_val_tokens=whole.tokens,
-                       whole_val_bits_per_byte=whole_bits_per_byte)
+                       whole_val_bits_per_byte=whole.bits_per_byte)
         self.metrics.append(row)
         if self.config.sample_tokens:
             model.eval()
-            logger.info(f"sample: {sample_text(model, max_new_tokens=self.config.sample_tokens, seed=self.config.seed)!r}")
+            text = sample_text(model, self.tokenizer, max_new_tokens=self.config.sample_tokens, seed=self.config.seed)
+            logger.info(f"sample: {text!r}")
             model.train()
         plot_metrics(self.metrics.path, self.plots)
 
@@ -265,5 +268,5 @@ class Monitor:
             result = "not measured (--final-eval-tokens 0)"
         else:
             scope = "the whole validation split" if whole.whole_split else f"{whole.tokens:,} validation tokens"
-            result = f"{whole.loss:.4f} over {scope}"
-        logger.info(f"done: {step} steps, val loss {result}; plots in {self.plots}")
+            result = f"{whole.bits_per_byte:.3f} bits per byte ({whole.loss:.4f} nats per token) over {scope}"
+        logger.info(f"done: {step} steps, validation {result}; plots in {self.plots}")

@@ -48,10 +48,11 @@ MAY_CHANGE_ON_RESUME = ("data", "out_dir", "resume", "max_steps", "eval_interval
                         "max_bad_steps", "verify_data")
 
 
-def checkpoint_to_resume(run_dir, config, data_shards):
+def checkpoint_to_resume(run_dir, config, data_shards, tokenizer):
     """(the newest complete checkpoint with --resume, else None; the settings changed since that
     checkpoint was written, which recorded them, as "--flag old -> new"). Refuses to start a new run
-    over an old one, and to resume with settings that would make it another run."""
+    over an old one, and to resume with settings that would make it another run: other flags, shards
+    of another tokenizer (`tokenizer`: the manifest's block), other shards."""
     found = checkpoints_in(run_dir)
     if config.resume and not found:
         raise UsageError(f"--resume: {run_dir} holds no complete checkpoint; start without --resume")
@@ -66,6 +67,12 @@ def checkpoint_to_resume(run_dir, config, data_shards):
     if not isinstance(saved, dict):
         raise CheckpointError(f"{path} is damaged (it records no settings); resume from an older checkpoint "
                               "(move this one away) or start a new run")
+    saved_tokenizer = state.get("tokenizer", tokenizer)
+    if (saved_tokenizer.get("kind"), saved_tokenizer.get("sha256")) != (tokenizer["kind"], tokenizer["sha256"]):
+        raise UsageError(f"--resume: the shards in {config.data} hold ids of a {tokenizer['kind']} tokenizer of "
+                         f"{tokenizer['vocab_size']:,} ids, the run was trained on a {saved_tokenizer.get('kind')} "
+                         f"tokenizer of {saved_tokenizer.get('vocab_size', 0):,} ids ({path}); resume with the run's "
+                         "dataset, or start a new run")
     if state.get("data_shards", data_shards) != data_shards:
         raise UsageError(f"--resume: {config.data} holds other shards than the run was trained on (their sha256 "
                          f"differ from {path}); resume with the run's dataset, or start a new run")

@@ -4,9 +4,11 @@ the windows that training and evaluation batch.
 gpt_dataset.py writes shards (shard_bytes) and the manifest; gpt_train.py opens the splits
 (open_split), identifies the data by the shards' checksums and reads batches through TokenWindows.
 
-A shard is llm.c's format: a header of 256 int32 (magic 20240520, version 1, token count), then the
-tokens as uint16. manifest.json, written last, marks a dataset as complete and holds each shard's
-split, file name, token count and sha256, and each split's article, character, byte and token counts.
+A shard is llm.c's format: a header of 256 int32 (magic 20240520, version 1, token count, and in
+the fourth the size of the vocabulary its ids come from), then the tokens as uint16. manifest.json,
+written last, marks a dataset as complete and holds each shard's split, file name, token count and
+sha256, each split's article, character, byte and token counts, and the tokenizer: its kind (gpt2 or
+bpe), file, sha256, vocabulary size and end-of-text id.
 """
 
 import glob
@@ -17,23 +19,24 @@ import numpy as np
 
 from wikigpt.cli import DataError
 from wikigpt.files import file_sha256
-from wikigpt.tokenizer import VOCAB_SIZE
 
 SHARD_MAGIC = 20240520  # llm.c's token shard format
 SHARD_VERSION = 1
 HEADER_INTS = 256  # header size in int32 values (1024 bytes)
 
 
-def shard_bytes(tokens):
-    """A shard's bytes: 256 int32 header (magic, version, token count), then the uint16 tokens."""
+def shard_bytes(tokens, vocab_size):
+    """A shard's bytes: 256 int32 header (magic, version, token count, vocabulary size), then the
+    uint16 tokens."""
     header = np.zeros(HEADER_INTS, dtype=np.int32)
-    header[:3] = (SHARD_MAGIC, SHARD_VERSION, len(tokens))
+    header[:4] = (SHARD_MAGIC, SHARD_VERSION, len(tokens), vocab_size)
     return header.tobytes() + np.asarray(tokens, dtype=np.uint16).tobytes()
 
 
-def open_shard(path, sha256=None):
+def open_shard(path, sha256=None, vocab_size=None):
     """The tokens of a shard, memory-mapped (nothing is read until used), after checking the header
-    and the file size; with `sha256`, also the checksum and that every token is in the vocabulary."""
+    and the file size; with `vocab_size`, that the header names that vocabulary; with `sha256`, also
+    the checksum and that every token is in the vocabulary."""
     try:
         size = os.path.getsize(path)
         header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
@@ -43,7 +46,10 @@ def open_shard(path, sha256=None):
         raise DataError(f"{path} is not a token shard (bad magic number); rebuild it with gpt_dataset.py")
     if header[1] != SHARD_VERSION:
         raise DataError(f"{path} has shard version {header[1]}, expected {SHARD_VERSION}; rebuild it with gpt_dataset.py")
-    count = int(header[2])
+    count, header_vocab = int(header[2]), int(header[3])
+    if vocab_size is not None and header_vocab not in (0, vocab_size):
+        raise DataError(f"{path} holds ids of a {header_vocab:,}-id vocabulary, manifest.json describes a "
+                        f"{vocab_size:,}-id tokenizer; the dataset mixes two runs: run gpt_dataset.py again")
     if size != HEADER_INTS * 4 + 2 * count:
         raise DataError(f"{path} holds {(size - HEADER_INTS * 4) // 2} tokens but its header says {count}: "
                         "the file is truncated or damaged; delete it and run gpt_dataset.py again")
@@ -51,8 +57,10 @@ def open_shard(path, sha256=None):
         raise DataError(f"{path} does not match its sha256 in manifest.json: the file is damaged; "
                         "delete it and run gpt_dataset.py again")
     tokens = np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(count,))
-    if sha256 is not None and count and int(tokens.max()) >= VOCAB_SIZE:
-        raise DataError(f"{path} holds token ids beyond GPT-2's vocabulary; it was not made for GPT-2")
+    vocab_size = vocab_size or header_vocab
+    if sha256 is not None and count and vocab_size and int(tokens.max()) >= vocab_size:
+        raise DataError(f"{path} holds token ids beyond its vocabulary of {vocab_size:,}; the shard is damaged: "
+                        "delete it and run gpt_dataset.py again")
     return tokens
 
 
@@ -69,10 +77,12 @@ def load_manifest(data_dir):
         with open(path) as f:
             manifest = json.load(f)
         complete = all({"split", "file", "tokens", "sha256"} <= set(s) for s in manifest["shards"])
+        complete &= {"kind", "vocab_size", "eot_token"} <= set(manifest["tokenizer"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"{path} is damaged ({type(e).__name__}); run gpt_dataset.py again") from e
     if not complete:
-        raise DataError(f"{path} is damaged (a shard entry lacks a field); run gpt_dataset.py again")
+        raise DataError(f"{path} lacks a field of a shard or of the tokenizer; run gpt_dataset.py again "
+                        "into a new --out")
     return manifest
 
 
@@ -82,7 +92,8 @@ def open_split(data_dir, split, verify=False):
     arrays = []
     for shard in manifest["shards"]:
         if shard["split"] == split:
-            tokens = open_shard(os.path.join(data_dir, shard["file"]), shard["sha256"] if verify else None)
+            tokens = open_shard(os.path.join(data_dir, shard["file"]), shard["sha256"] if verify else None,
+                                manifest["tokenizer"]["vocab_size"])
             if len(tokens) != shard["tokens"]:
                 raise DataError(f"{shard['file']} holds {len(tokens)} tokens, manifest.json says "
                                 f"{shard['tokens']}; the dataset is damaged: run gpt_dataset.py again")
@@ -97,11 +108,11 @@ def shard_checksums(data_dir):
     return [shard["sha256"] for shard in load_manifest(data_dir)["shards"]]
 
 
-def val_bytes_per_token(data_dir):
-    """UTF-8 bytes per token of the validation split: bits per byte = loss / ln 2 / this, a measure
-    that does not depend on the tokenizer."""
-    val = load_manifest(data_dir)["val"]
-    return val["bytes"] / val["tokens"]
+def bytes_per_token(data_dir, split):
+    """UTF-8 bytes of text per token of a split, from its manifest: what turns the training loss into
+    approximate bits per byte (loss / ln 2 / this). The validation loss gets its exact bytes instead."""
+    counts = load_manifest(data_dir)[split]
+    return counts["bytes"] / counts["tokens"]
 
 
 class TokenWindows:
