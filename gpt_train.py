@@ -40,13 +40,13 @@ from wikigpt import convert
 from wikigpt.checkpoint import TrainingState, gather_rng_states, prune_checkpoints, restore_checkpoint, save_checkpoint
 from wikigpt.cli import CheckpointError, UsageError, flag, parse_config, run_cli
 from wikigpt.monitor import TRACKERS, Monitor, import_tracker, start_console_log
-from wikigpt.runs import checkpoint_to_resume, choose_run_dir, prepare_run_dir
+from wikigpt.runs import checkpoint_to_resume, choose_run_dir, prepare_run_dir, recorded_setting
 from wikigpt.runtime import (Runtime, StopSignal, check_dtype_name, join_process_group, leave_process_group,
                              process_device, reuse_freed_memory, torchrun_ranks, training_autocast_dtype,
                              wrap_for_training)
 from wikigpt.shards import TokenWindows, bytes_per_token, load_manifest, open_split, shard_checksums
-from wikigpt.tokenizer import (dataset_tokenizer, describe, hf_tokenizer_files, model_tokenizer, token_byte_lengths,
-                               vocabulary_digest)
+from wikigpt.tokenizer import (dataset_tokenizer, dataset_tokenizer_files, describe, model_tokenizer,
+                               token_byte_lengths, vocabulary_digest)
 
 @dataclass
 class TrainConfig:
@@ -89,6 +89,8 @@ class TrainConfig:
     resume: bool = False  # continue from the newest complete checkpoint in --out-dir
     max_bad_steps: int = 5  # consecutive non-finite losses or gradients before the run stops
     verify_data: bool = False  # check every shard's sha256 before training (reads the whole dataset)
+    fsdp: bool = False  # shard weights, gradients and optimizer state over the processes (FSDP2); Muon gathers each matrix
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward: less memory, more compute
 
 
 
@@ -173,6 +175,9 @@ def resolve_config(config, world_size):
     if config.tracker not in TRACKERS:
         raise UsageError(f"--tracker must be one of {', '.join(TRACKERS)}, got {config.tracker!r}")
     import_tracker(config.tracker)  # a missing package fails now, not after the model is built
+    if config.fsdp and (config.device == "mps" or config.dtype == "float16"):
+        raise UsageError("--fsdp shards over CUDA GPUs (NCCL) or CPUs (gloo) in bfloat16 or float32; "
+                         "drop --fsdp, or use --device cuda / cpu and --dtype bfloat16")
     config.min_lr = config.lr / 10 if config.min_lr is None else config.min_lr
     if not 0 <= config.min_lr <= config.lr:
         raise UsageError(f"--min-lr must be between 0 and --lr, got {config.min_lr}")
@@ -226,10 +231,12 @@ def fixed_batches(windows, batch_size, eval_steps, run):
 
 def whole_split_batches(windows, batch_size, max_tokens, run):
     """Every non-overlapping window of the validation split, up to max_tokens: the run's result.
-    Process r of N takes windows r, r + N, ..., batch_size at a time."""
+    Process r of N takes windows r, r + N, ..., batch_size at a time. Sharded, each forward pass needs
+    every process, so those with fewer batches get empty ones (a pass whose loss is not counted)."""
     count = min(windows.n_windows, max(1, max_tokens // windows.T))
     mine = range(run.rank, count, run.world_size)
-    return [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
+    batches = [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
+    return batches + [range(0)] * ((run.max_over_processes(len(batches)) - len(batches)) if run.sharded else 0)
 
 
 @torch.no_grad()
@@ -241,9 +248,11 @@ def evaluate(model, split, batches, run):
     model.eval()
     total = torch.zeros(3, dtype=torch.float64, device=run.device)  # summed loss, tokens, bytes
     for batch in batches:
-        x, y = run.inputs_and_targets(windows.stack(batch))
+        x, y = run.inputs_and_targets(windows.stack(batch or [0]))
         with run.autocast():
             loss = model(x, y)[1].double()
+        if not batch:
+            continue  # a pass that only keeps the other processes company (whole_split_batches)
         count = torch.tensor(float(y.numel()), dtype=torch.float64, device=run.device)
         total += torch.stack([loss * y.numel(), count, token_bytes[y].sum().double()])
     run.sum_over_processes(total)
@@ -286,20 +295,27 @@ def set_up(config):
     """Everything the loop needs, in an order that refuses bad input before anything is written: the
     settings, the run directory and the checkpoint to resume, the processes and the device, the
     shards, then the model, optimizers and data position (restored from the checkpoint) and the
-    run's monitor. Returns (runtime, training state, validation windows, monitor, whether to compile)."""
+    run's monitor. Returns (runtime, training state, the models to train and to evaluate, validation
+    split, monitor)."""
     rank, local_rank, world_size = torchrun_ranks()
-    config, model_config, accumulation = resolve_config(config, world_size)
     config.out_dir = choose_run_dir(config)
+    derived_batch = config.tokens_per_step is None
+    config, model_config, accumulation = resolve_config(config, world_size)
+    recorded = recorded_setting(config.out_dir, "tokens_per_step") if config.resume and derived_batch else None
+    micro_batches = config.tokens_per_step // accumulation  # tokens of one micro-batch in all processes
+    if recorded and recorded % micro_batches == 0:  # the run's own global batch, with any number of processes
+        config.tokens_per_step, accumulation = recorded, recorded // micro_batches
     data_shards = shard_checksums(config.data)  # what identifies the data: recorded in every checkpoint
     tokenizer_spec = load_manifest(config.data)["tokenizer"]
     tokenizer = dataset_tokenizer(config.data, tokenizer_spec)  # its file checked against the manifest's sha256
     model_config = sized_for_tokenizer(model_config, tokenizer, config)
-    checkpoint, changed_settings = checkpoint_to_resume(config.out_dir, config, data_shards, tokenizer_spec)
+    checkpoint, changed_settings = checkpoint_to_resume(config.out_dir, config, data_shards, tokenizer_spec,
+                                                        world_size)
     device = process_device(config.device, local_rank, world_size)
-    join_process_group(device, world_size)
+    join_process_group(device, world_size, sharded=config.fsdp)
     if device.type == "cpu" and config.reuse_memory:
         reuse_freed_memory()
-    run = Runtime(device, rank, world_size, training_autocast_dtype(config.dtype, device), accumulation)
+    run = Runtime(device, rank, world_size, training_autocast_dtype(config.dtype, device), accumulation, config.fsdp)
     compiled = config.compile if config.compile is not None else device.type == "cuda"
     start_console_log(run.master)
     # Shards are checked first (headers and sizes; sha256 with --verify-data), so bad data fails fast.
@@ -312,14 +328,15 @@ def set_up(config):
     # have fused kernels of their own for the plain path.
     model.fused_loss = device.type == "cpu" and not compiled
     T, B = model.config.block_size, config.batch_size  # the model's context, which a checkpoint sets
+    # Sharding replaces the weights by their shards, which the optimizers must be given: it comes first.
+    train_model, eval_model = wrap_for_training(model, run, compiled=compiled,
+                                                activation_checkpointing=config.activation_checkpointing)
     optimizers = make_optimizers(model, name=config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
                                  betas=(config.beta1, config.beta2), device_type=device.type)
-    tokenizer_json = None if tokenizer_spec["kind"] == "gpt2" else \
-        open(f"{config.data}/{tokenizer_spec['file']}", encoding="utf-8").read()
     state = TrainingState(model, optimizers, torch.amp.GradScaler("cuda", enabled=run.autocast_dtype == torch.float16),
                           TokenWindows(train_shards, T, B, seed=config.seed, rank=rank, world_size=world_size),
                           settings=asdict(config), data_shards=data_shards, tokenizer=tokenizer_spec,
-                          tokenizer_files=hf_tokenizer_files(T, tokenizer_json))
+                          tokenizer_files=dataset_tokenizer_files(config.data, tokenizer_spec, T))
     val = ValidationSplit(TokenWindows(val_shards, T, B, seed=config.seed, rank=rank, world_size=world_size,
                                        shuffle=False), torch.tensor(token_byte_lengths(tokenizer), device=device))
     if checkpoint:
@@ -331,7 +348,7 @@ def set_up(config):
         monitor.open_tracker()
     monitor.start(model, checkpoint=checkpoint, start_step=state.step, compiled=compiled,
                   changed_settings=changed_settings)
-    return run, state, val, monitor, compiled
+    return run, state, (train_model, eval_model), val, monitor
 
 
 # ---- The loop ----
@@ -347,6 +364,8 @@ def clip_and_step(state, loss, lr, grad_clip):
     grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), max_norm)
     for group in (group for optimizer in state.optimizers for group in optimizer.param_groups):
         group["lr"] = lr
+    if hasattr(grad_norm, "full_tensor"):  # sharded: the norm over every process's shards, as one value
+        grad_norm = grad_norm.full_tensor()
     loss_value, norm_value = loss.item(), grad_norm.item()
     # fp16 overflows are the gradient scaler's business (it skips and lowers the scale).
     applied = math.isfinite(loss_value) and (state.scaler.is_enabled() or math.isfinite(norm_value))
@@ -361,9 +380,7 @@ def clip_and_step(state, loss, lr, grad_clip):
 
 def main(argv=None):
     config = parse_config(TrainConfig, argv, description=__doc__.split("\n\n")[0])
-    run, state, val_split, monitor, compiled = set_up(config)
-    eval_model = torch.compile(state.model) if compiled else state.model  # DDP is not needed to evaluate
-    model = wrap_for_training(eval_model, run)  # with several processes, DDP averages the gradients
+    run, state, (model, eval_model), val_split, monitor = set_up(config)
     eval_batches = fixed_batches(val_split.windows, config.batch_size, config.eval_steps, run)
     stop, start_step, bad_steps, whole = StopSignal(), state.step, 0, None
     try:
@@ -380,8 +397,8 @@ def main(argv=None):
                 monitor.evaluation(state.step, val, whole, state.model)
             if (state.step % config.ckpt_interval == 0 and state.step > start_step) or last or stopping:
                 rng = gather_rng_states(run)  # every process takes part in gathering them
+                path = save_checkpoint(config.out_dir, state, val_loss=val.loss if val else None, rng=rng, run=run)
                 if run.master:
-                    path = save_checkpoint(config.out_dir, state, val_loss=val.loss if val else None, rng=rng)
                     prune_checkpoints(config.out_dir, config.keep_last)
                     logger.info(f"saved {path}")
             if last or stopping:
@@ -412,7 +429,7 @@ def main(argv=None):
         monitor.end(state.step, stop.received if stopping else None, whole)
     finally:
         stop.restore()
-        leave_process_group(run.world_size)
+        leave_process_group()
 
 
 if __name__ == "__main__":

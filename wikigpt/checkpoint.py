@@ -10,6 +10,9 @@ each with
                            the sha256 of its shards
     optimizer.safetensors  every optimizer's moments (their step counts and settings are in the JSON)
     rng.safetensors        the RNG states of every process
+    sharded/               of an FSDP run, instead of optimizer.safetensors: the model and optimizer
+                           state in torch.distributed.checkpoint's format, one file per process and a
+                           .metadata index; it loads into any number of processes
 Nothing is pickled. A checkpoint is written under a temporary name and renamed when every file is on
 disk, so a name `ckpt_N` always means a complete checkpoint.
 """
@@ -22,13 +25,16 @@ import shutil
 from dataclasses import dataclass, field
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
+from wikigpt import convert
 from wikigpt.cli import CheckpointError, UsageError
 
 CHECKPOINT_NAME = re.compile(r"^ckpt_(\d{7})$")
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
+SHARDED_DIR = "sharded"  # torch.distributed.checkpoint's files of an FSDP run
 VAL_LOSS_KEY = "val_loss"  # validation loss at the checkpoint's step, or null if none was measured there
 
 
@@ -40,7 +46,9 @@ def checkpoints_in(run_dir):
     """Complete checkpoint directories of a run, oldest first. Partial ones (a crash mid-write) are
     still under a temporary name and never match."""
     found = [p for p in glob.glob(os.path.join(run_dir, "ckpt_*")) if CHECKPOINT_NAME.match(os.path.basename(p))]
-    return sorted(p for p in found if os.path.isfile(os.path.join(p, "model.safetensors")))
+    return sorted(p for p in found if os.path.isfile(os.path.join(p, "model.safetensors")) and
+                  (not os.path.isdir(os.path.join(p, SHARDED_DIR)) or
+                   os.path.isfile(os.path.join(p, SHARDED_DIR, ".metadata"))))
 
 
 def read_trainer_state(checkpoint):
@@ -148,42 +156,67 @@ def gather_rng_states(run):
 # ---- Save and restore ----
 
 
-def save_checkpoint(run_dir, state, *, val_loss, rng):
+def save_checkpoint(run_dir, state, *, val_loss, rng, run):
     """Writes ckpt_<step> atomically: everything goes into a temporary directory, which is renamed only
-    once every file is on disk. `rng` holds the RNG states of every process. Returns the path."""
+    once every file is on disk. `rng` holds the RNG states of every process. Unsharded, the first
+    process writes it all; sharded, every process writes its part of the training state (DCP), which
+    is never gathered in one process, while the first writes the rest. Returns the path."""
+    final = checkpoint_dir(run_dir, state.step)
+    if not (run.master or run.sharded) or os.path.isdir(final):
+        return final  # not this process's to write, or saved already (a stop right after resuming): keep it
+    tmp = os.path.join(run_dir, "." + os.path.basename(final).replace("ckpt_", "tmp_ckpt_"))
+    error = None
+    try:
+        if run.master:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        if run.sharded:
+            run.barrier()  # the directory exists before any process writes into it
+        model_state = write_sharded_state(tmp, state) if run.sharded else state.model.state_dict()
+        if run.master:
+            write_checkpoint_files(tmp, state, model_state, val_loss=val_loss, rng=rng, run=run)
+    except (OSError, CheckpointException) as e:
+        error = e
+    if run.any_process(error is not None) if run.sharded else error is not None:
+        if run.master:
+            shutil.rmtree(tmp, ignore_errors=True)
+        reason = getattr(error, "strerror", None) or ("in another process" if error is None else type(error).__name__)
+        raise UsageError(f"could not write checkpoint {final} ({reason}); earlier checkpoints are intact, "
+                         "free disk space and resume with --resume") from error
+    if run.master:
+        os.rename(tmp, final)
+    if run.sharded:
+        run.barrier()  # no process goes on before the checkpoint has its name
+    return final
+
+
+def write_checkpoint_files(directory, state, model_state, *, val_loss, rng, run):
+    """Everything of a checkpoint but the sharded training state: the model as Hugging Face's GPT-2
+    (from `model_state`, a full state dict), its tokenizer, the optimizer state of an unsharded run,
+    the RNG states and trainer_state.json; each file synced before the directory is renamed."""
     from safetensors.torch import save_file
 
-    final = checkpoint_dir(run_dir, state.step)
-    if os.path.isdir(final):
-        return final  # this step was saved already (a stop right after resuming): same state, keep it
-    tmp = os.path.join(run_dir, "." + os.path.basename(final).replace("ckpt_", "tmp_ckpt_"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        state.model.save_pretrained(tmp)  # model.safetensors, config.json, generation_config.json
-        for name, data in state.tokenizer_files.items():  # so that AutoTokenizer and pipeline load it too
-            with open(os.path.join(tmp, name), "wb") as f:
-                f.write(data)
+    convert.write_hf_model(directory, model_state, state.model.config)  # config.json, model.safetensors, ...
+    for name, data in state.tokenizer_files.items():  # so that AutoTokenizer and pipeline load it too
+        with open(os.path.join(directory, name), "wb") as f:
+            f.write(data)
+    optimizer_meta = [None]
+    if not run.sharded:
         tensors, optimizer_meta = flatten_optimizer_states(state.optimizers)
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, os.path.join(tmp, OPTIMIZER_FILE))
-        save_file({f"rank{r}.{k}": v.cpu() for r, states in enumerate(rng) for k, v in states.items()},
-                  os.path.join(tmp, RNG_FILE))
-        trainer_state = {"step": state.step, "data": state.train_windows.state(), "optimizer": optimizer_meta[0],
-                         "other_optimizers": optimizer_meta[1:],
-                         "scaler": state.scaler.state_dict() if state.scaler.is_enabled() else None,
-                         VAL_LOSS_KEY: val_loss, "best_val_loss": state.best_val_loss,
-                         "train_config": state.settings, "data_shards": state.data_shards,
-                         "tokenizer": state.tokenizer}
-        with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
-            json.dump(trainer_state, f, indent=1)
-        for name in os.listdir(tmp):  # flush to disk before the rename makes the checkpoint visible
-            with open(os.path.join(tmp, name), "rb") as f:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, os.path.join(directory, OPTIMIZER_FILE))
+    save_file({f"rank{r}.{k}": v.cpu() for r, states in enumerate(rng) for k, v in states.items()},
+              os.path.join(directory, RNG_FILE))
+    trainer_state = {"step": state.step, "data": state.train_windows.state(), "optimizer": optimizer_meta[0],
+                     "other_optimizers": optimizer_meta[1:], "sharded": run.sharded, "world_size": run.world_size,
+                     "scaler": state.scaler.state_dict() if state.scaler.is_enabled() else None,
+                     VAL_LOSS_KEY: val_loss, "best_val_loss": state.best_val_loss,
+                     "train_config": state.settings, "data_shards": state.data_shards, "tokenizer": state.tokenizer}
+    with open(os.path.join(directory, TRAINER_STATE), "w") as f:
+        json.dump(trainer_state, f, indent=1)
+    for name in os.listdir(directory):  # flush to disk before the rename makes the checkpoint visible
+        if os.path.isfile(os.path.join(directory, name)):
+            with open(os.path.join(directory, name), "rb") as f:
                 os.fsync(f.fileno())
-        os.rename(tmp, final)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UsageError(f"could not write checkpoint {final} ({e.strerror}); earlier checkpoints are intact, "
-                         "free disk space and resume with --resume") from e
-    return final
 
 
 def restore_checkpoint(checkpoint, state, run):
@@ -195,21 +228,15 @@ def restore_checkpoint(checkpoint, state, run):
 
     trainer_state = read_trainer_state(checkpoint)
     try:
-        optimizer_tensors = load_file(os.path.join(checkpoint, OPTIMIZER_FILE))
         rng = load_file(os.path.join(checkpoint, RNG_FILE))
-        metas = [trainer_state["optimizer"], *trainer_state.get("other_optimizers", [])]
         state.train_windows.load_state(trainer_state["data"])
+        if trainer_state.get("sharded"):
+            read_sharded_state(os.path.join(checkpoint, SHARDED_DIR), state)
+        else:
+            restore_optimizers(checkpoint, trainer_state, state.optimizers)
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         raise CheckpointError(f"{checkpoint} cannot be resumed: its training state is missing or damaged ({e}); "
                               "delete that directory to resume from the one before") from e
-    if len(metas) != len(state.optimizers):
-        raise CheckpointError(f"{checkpoint} was trained with --optimizer "
-                              f"{trainer_state.get('train_config', {}).get('optimizer')}; resume it with the same optimizer")
-    try:
-        for index, (optimizer, meta) in enumerate(zip(state.optimizers, metas)):
-            optimizer.load_state_dict(unflatten_optimizer_state(optimizer_tensors, meta, index))
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"{checkpoint} cannot be resumed: its optimizer state does not fit this model ({e})") from e
     if trainer_state.get("scaler") and state.scaler.is_enabled():
         state.scaler.load_state_dict(trainer_state["scaler"])
     state.step, state.best_val_loss = trainer_state["step"], trainer_state.get("best_val_loss")
@@ -218,3 +245,64 @@ def restore_checkpoint(checkpoint, state, run):
     if run.device.type == "cuda" and f"rank{run.rank}.torch_cuda" in rng:
         torch.cuda.set_rng_state(rng[f"rank{run.rank}.torch_cuda"], run.device)
     return trainer_state
+
+
+def restore_optimizers(checkpoint, trainer_state, optimizers):
+    """The optimizers' state of an unsharded checkpoint, from optimizer.safetensors and the JSON."""
+    from safetensors.torch import load_file
+
+    optimizer_tensors = load_file(os.path.join(checkpoint, OPTIMIZER_FILE))
+    metas = [trainer_state["optimizer"], *trainer_state.get("other_optimizers", [])]
+    if len(metas) != len(optimizers):
+        raise CheckpointError(f"{checkpoint} was trained with --optimizer "
+                              f"{trainer_state.get('train_config', {}).get('optimizer')}; resume it with the same optimizer")
+    try:
+        for index, (optimizer, meta) in enumerate(zip(optimizers, metas)):
+            optimizer.load_state_dict(unflatten_optimizer_state(optimizer_tensors, meta, index))
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{checkpoint} cannot be resumed: its optimizer state does not fit this model ({e})") from e
+
+
+# ---- The sharded training state of an FSDP run ----
+
+
+def write_sharded_state(directory, state):
+    """Writes the model and optimizer state of a sharded run into directory/sharded, every process its
+    own part, through torch.distributed.checkpoint (DCP). Returns the model's full state dict, gathered
+    for the first process only (other processes get an empty one), for the Hugging Face copy."""
+    from torch.distributed.checkpoint import FileSystemWriter, save
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    model_state, optimizer_state = get_state_dict(state.model, state.optimizers)
+    save({"model": model_state, "optimizers": optimizer_state},
+         storage_writer=FileSystemWriter(os.path.join(directory, SHARDED_DIR)))
+    return get_model_state_dict(state.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def read_sharded_state(directory, state):
+    """Loads what write_sharded_state wrote into the sharded model and its optimizers, whatever the
+    number of processes that wrote it: DCP reads each process's rows from whichever files hold them.
+    Every file is checked first, so a missing or cut one is named before anything is read."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    reader = FileSystemReader(directory)
+    try:
+        needed = {}
+        for item in reader.read_metadata().storage_data.values():
+            needed[item.relative_path] = max(needed.get(item.relative_path, 0), item.offset + item.length)
+    except (OSError, ValueError, EOFError, AttributeError) as e:
+        raise CheckpointError(f"{directory}/.metadata is missing or damaged ({type(e).__name__}); delete that "
+                              "checkpoint to resume from the one before") from e
+    for name, size in sorted(needed.items()):
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path) or os.path.getsize(path) < size:
+            raise CheckpointError(f"{path} is missing or cut short (it must hold {size:,} bytes); copy it again, "
+                                  "or delete that checkpoint to resume from the one before")
+    model_state, optimizer_state = get_state_dict(state.model, state.optimizers)
+    try:
+        load({"model": model_state, "optimizers": optimizer_state}, storage_reader=reader)
+    except CheckpointException as e:
+        raise CheckpointError(f"{directory} cannot be read ({str(e).splitlines()[0][:200]}); delete that "
+                              "checkpoint to resume from the one before") from e
+    set_state_dict(state.model, state.optimizers, model_state_dict=model_state, optim_state_dict=optimizer_state)

@@ -58,10 +58,13 @@ def describe_loss(result):
             f"perplexity {math.exp(min(result.loss, 50)):.1f}")
 
 
-def sample_text(model, tokenizer, *, max_new_tokens, seed):
+def sample_text(model, tokenizer, *, max_new_tokens, seed, to_the_end=False):
     """A continuation of <|endoftext|> (the start of a new article), as text: what the model writes
-    now, sampled as infer.py does by default."""
-    return generate_text(model, tokenizer, [tokenizer.eot_token], max_new_tokens=max_new_tokens, seed=seed)
+    now, sampled as infer.py does by default, up to the next <|endoftext|>. `to_the_end` generates all
+    max_new_tokens before cutting there: a sharded model's processes must make every pass together."""
+    text = generate_text(model, tokenizer, [tokenizer.eot_token], max_new_tokens=max_new_tokens, seed=seed,
+                         stop_at_eot=not to_the_end)
+    return text.split("<|endoftext|>")[0]
 
 
 # ---- metrics.jsonl and trackers ----
@@ -239,6 +242,12 @@ class Monitor:
     def evaluation(self, step, val, whole, model):
         """Logs the validation loss of the fixed batches (`val`) and, at the end, of the whole split
         (`whole`, or None), appends them to metrics.jsonl, prints a text sample and redraws the plots."""
+        sample = None
+        if self.config.sample_tokens and (self.run.master or self.run.sharded):
+            model.eval()
+            sample = sample_text(model, self.tokenizer, max_new_tokens=self.config.sample_tokens, seed=self.config.seed,
+                                 to_the_end=self.run.sharded)
+            model.train()
         if not self.run.master:
             return
         logger.info(f"step {step}: val {describe_loss(val)}")
@@ -250,11 +259,8 @@ class Monitor:
             row.update(whole_val_loss=whole.loss, whole_val_tokens=whole.tokens,
                        whole_val_bits_per_byte=whole.bits_per_byte)
         self.metrics.append(row)
-        if self.config.sample_tokens:
-            model.eval()
-            text = sample_text(model, self.tokenizer, max_new_tokens=self.config.sample_tokens, seed=self.config.seed)
-            logger.info(f"sample: {text!r}")
-            model.train()
+        if sample is not None:
+            logger.info(f"sample: {sample!r}")
         plot_metrics(self.metrics.path, self.plots)
 
     def end(self, step, stopped_by, whole):

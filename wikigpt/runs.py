@@ -42,17 +42,29 @@ def choose_run_dir(config):
 
 # Settings that a resumed run may change (logged); any other difference from the settings the
 # checkpoint recorded would make the continued run a different run from the one checkpointed. The data
-# directory may move (another machine, another mount), as long as it holds the same shards.
+# directory may move (another machine, another mount), as long as it holds the same shards. The number
+# of processes may change too: the global batch and the data position do not depend on it. --fsdp may
+# not: a sharded checkpoint holds its training state in another format than an unsharded one.
 MAY_CHANGE_ON_RESUME = ("data", "out_dir", "resume", "max_steps", "eval_interval", "eval_steps", "final_eval_tokens",
                         "ckpt_interval", "keep_last", "sample_tokens", "compile", "reuse_memory", "dtype", "device",
-                        "max_bad_steps", "verify_data")
+                        "max_bad_steps", "verify_data", "activation_checkpointing")
 
 
-def checkpoint_to_resume(run_dir, config, data_shards, tokenizer):
+def recorded_setting(run_dir, name):
+    """A setting as the newest checkpoint of a run recorded it, or None (no checkpoint, or unreadable:
+    checkpoint_to_resume then says why)."""
+    found = checkpoints_in(run_dir)
+    try:
+        return read_trainer_state(found[-1])["train_config"][name] if found else None
+    except (CheckpointError, KeyError, TypeError):
+        return None
+
+
+def checkpoint_to_resume(run_dir, config, data_shards, tokenizer, world_size):
     """(the newest complete checkpoint with --resume, else None; the settings changed since that
-    checkpoint was written, which recorded them, as "--flag old -> new"). Refuses to start a new run
-    over an old one, and to resume with settings that would make it another run: other flags, shards
-    of another tokenizer (`tokenizer`: the manifest's block), other shards."""
+    checkpoint was written, which recorded them, as "--flag old -> new", and the number of processes).
+    Refuses to start a new run over an old one, and to resume with settings that would make it another
+    run: other flags, shards of another tokenizer (`tokenizer`: the manifest's block), other shards."""
     found = checkpoints_in(run_dir)
     if config.resume and not found:
         raise UsageError(f"--resume: {run_dir} holds no complete checkpoint; start without --resume")
@@ -82,7 +94,11 @@ def checkpoint_to_resume(run_dir, config, data_shards, tokenizer):
     if refused:
         raise UsageError(f"--resume: {'; '.join(refused)} differ(s) from {path}; resume with the run's settings, "
                          "or start a new run in another --out-dir")
-    return found[-1], [text for k, text in changes.items() if k != "resume"]
+    changed = [text for k, text in changes.items() if k != "resume"]
+    if state.get("world_size", world_size) != world_size:
+        changed.append(f"processes {state['world_size']} -> {world_size} (the same global batch, micro-batches "
+                       "per process rescaled; the data position follows)")
+    return found[-1], changed
 
 
 def prepare_run_dir(run_dir, config, model_config, resumed_step):

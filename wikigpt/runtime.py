@@ -1,5 +1,5 @@
-"""Where and how a process computes: the device, the dtypes, torchrun's process group, signals,
-memory reuse and a clock that waits for the device.
+"""Where and how a process computes: the device, the dtypes, torchrun's process group, DDP or FSDP2
+around the model, activation checkpointing, signals, memory reuse and a clock that waits for the device.
 
 Used by gpt_train.py (all of it, through one Runtime object that the loop passes around instead of
 a device, ranks and an autocast setting) and infer.py (the device and the weight dtype).
@@ -7,6 +7,7 @@ a device, ranks and an autocast setting) and infer.py (the device and the weight
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import re
 import signal
@@ -109,23 +110,63 @@ def process_device(requested, local_rank, world_size):
     return device
 
 
-def join_process_group(device, world_size):
-    """Joins the group of torchrun's processes (NCCL on CUDA, else gloo); a single process has none."""
+def join_process_group(device, world_size, sharded=False):
+    """Joins the group of torchrun's processes (NCCL on CUDA, else gloo). A single process has none,
+    unless its model is sharded: FSDP needs a group, here one of a single member."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if world_size > 1:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend=backend)
+    elif sharded:
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
-def wrap_for_training(model, run):
-    """With several processes, DDP around the model: it averages the gradients across processes."""
-    if run.world_size > 1:
-        device_ids = [run.device.index] if run.device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    return model
-
-
-def leave_process_group(world_size):
-    if world_size > 1 and dist.is_initialized():
+def leave_process_group():
+    if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def wrap_for_training(model, run, *, compiled, activation_checkpointing):
+    """(the model to train, the model to evaluate) around the plain GPT `model`.
+
+    Unsharded: torch.compile if asked, then with several processes DDP, which averages gradients in
+    the backward pass; evaluation needs no DDP. Sharded (--fsdp): FSDP2's fully_shard on each block,
+    then on the whole model: each process keeps 1/N of every weight, gradient and optimizer state, and
+    a block's weights are gathered just before it computes (forward and backward) and freed after.
+    On GPUs the gathered weights are bf16 and gradients are reduced in float32. Every process must
+    then take part in every forward pass, evaluation and samples included.
+    """
+    if activation_checkpointing:
+        checkpoint_activations(model)
+    if not run.sharded:
+        compiled_model = torch.compile(model) if compiled else model
+        if run.world_size == 1:
+            return compiled_model, compiled_model
+        device_ids = [run.device.index] if run.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(compiled_model, device_ids=device_ids), compiled_model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    for tensor in model.state_dict().values():  # rank 0's initial weights everywhere, as DDP starts
+        dist.broadcast(tensor, src=0)
+    mesh = init_device_mesh(run.device.type, (run.world_size,))
+    on_gpu = run.device.type == "cuda"
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if on_gpu else None, reduce_dtype=torch.float32)
+    for block in model.transformer.h:
+        if compiled:
+            block.compile()  # each block on its own: FSDP's hooks sit between them
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)  # the rest: embeddings (tied to the head), ln_f
+    return model, model
+
+
+def checkpoint_activations(model):
+    """Makes each block keep only its input in the forward pass and compute its activations again in
+    the backward pass (non-reentrant torch.utils.checkpoint, dropout masks replayed): activation
+    memory falls from all of every block's intermediates to one block's, for one more forward pass."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.transformer.h:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
 @dataclass
@@ -137,11 +178,17 @@ class Runtime:
     world_size: int = 1
     autocast_dtype: torch.dtype | None = None  # None: plain float32
     accumulation: int = 1  # micro-batches per optimizer step, in each process
+    sharded: bool = False  # FSDP: weights, gradients and optimizer state split over the processes
 
     @property
     def master(self):
         """The process that logs (and, without sharding, the only one that writes)."""
         return self.rank == 0
+
+    @property
+    def distributed(self):
+        """Whether a process group exists: several processes, or a sharded model in one."""
+        return self.world_size > 1 or self.sharded
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -159,8 +206,13 @@ class Runtime:
         return tensor[:, :-1], tensor[:, 1:]
 
     def gradient_sync(self, model, sync):
-        """The context of a backward pass: DDP all-reduces the gradients only where `sync` is true (the
-        last micro-batch of a step); the others accumulate locally."""
+        """The context of a backward pass: gradients are reduced across processes only where `sync` is
+        true (the last micro-batch of a step); the others accumulate locally. FSDP also keeps the
+        gathered weights between those micro-batches instead of gathering them again."""
+        if self.sharded:
+            model.set_requires_gradient_sync(sync)
+            model.set_reshard_after_backward(sync)
+            return nullcontext()
         return nullcontext() if sync or self.world_size == 1 else model.no_sync()
 
     def clock(self):
@@ -174,6 +226,18 @@ class Runtime:
         if self.world_size > 1:
             dist.all_reduce(tensor)
         return tensor
+
+    def max_over_processes(self, value):
+        """The largest of an integer over all processes."""
+        if self.world_size == 1:
+            return value
+        tensor = torch.tensor(value, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return int(tensor.item())
+
+    def barrier(self):
+        if self.distributed:
+            dist.barrier()
 
     def mean_over_processes(self, tensor):
         if self.world_size > 1:

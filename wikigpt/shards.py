@@ -1,8 +1,9 @@
 """The token shards on disk: their format, the manifest that lists them, and reading them back as
 the windows that training and evaluation batch.
 
-gpt_dataset.py writes shards (shard_bytes) and the manifest; gpt_train.py opens the splits
-(open_split), identifies the data by the shards' checksums and reads batches through TokenWindows.
+gpt_dataset.py writes shards (ShardWriter, shard_bytes) and the manifest; gpt_train.py opens the
+splits (open_split), identifies the data by the shards' checksums and reads batches through
+TokenWindows.
 
 A shard is llm.c's format: a header of 256 int32 (magic 20240520, version 1, token count, and in
 the fourth the size of the vocabulary its ids come from), then the tokens as uint16. manifest.json,
@@ -12,13 +13,14 @@ bpe), file, sha256, vocabulary size and end-of-text id.
 """
 
 import glob
+import hashlib
 import json
 import os
 
 import numpy as np
 
 from wikigpt.cli import DataError
-from wikigpt.files import file_sha256
+from wikigpt.files import atomic_write_bytes, file_sha256
 
 SHARD_MAGIC = 20240520  # llm.c's token shard format
 SHARD_VERSION = 1
@@ -101,6 +103,87 @@ def open_split(data_dir, split, verify=False):
     if not arrays:
         raise DataError(f"{data_dir} has no {split} shards; run gpt_dataset.py again")
     return arrays
+
+
+# ---- Writing: the shards of one split, with what a restart needs ----
+
+
+class ShardWriter:
+    """Collects the token stream of one split and writes it as full shards, atomically.
+
+    `progress.json` (written after each shard, with the tokens not yet in a shard saved beside it)
+    lets a new run continue exactly where an interrupted one stopped.
+    """
+
+    def __init__(self, out_dir, split, shard_tokens, vocab_size, state):
+        self.out_dir, self.split, self.shard_tokens, self.vocab_size = out_dir, split, shard_tokens, vocab_size
+        self.buffer = np.empty(shard_tokens, dtype=np.uint16)
+        self.shards = state.get("shards", [])
+        self.articles, self.tokens = state.get("articles", 0), state.get("tokens", 0)
+        self.chars, self.bytes = state.get("chars", 0), state.get("bytes", 0)
+        pending = state.get("pending")
+        pending = np.fromfile(os.path.join(out_dir, pending), dtype=np.uint16) if pending else np.empty(0, np.uint16)
+        self.buffer[: len(pending)] = pending
+        self.filled = len(pending)
+        # (size, token count) of each article, kept only while the split is still all in memory: what
+        # give_last_articles needs to move whole articles of a small source into the other split.
+        self.held = [] if not self.shards and not self.filled else None
+
+    def add(self, size, tokens):
+        """Adds one article, of `size` (characters, UTF-8 bytes); returns True when a shard was written."""
+        self.articles, self.tokens = self.articles + 1, self.tokens + len(tokens)
+        self.chars, self.bytes = self.chars + size[0], self.bytes + size[1]
+        if self.held is not None:
+            self.held.append((size, len(tokens)))
+        wrote = False
+        while len(tokens):
+            take = min(self.shard_tokens - self.filled, len(tokens))
+            self.buffer[self.filled : self.filled + take] = tokens[:take]
+            self.filled += take
+            tokens = tokens[take:]
+            if self.filled == self.shard_tokens:
+                self.flush()
+                self.held = None
+                wrote = True
+        return wrote
+
+    def give_last_articles(self, other, count):
+        """Moves this split's last `count` articles, whole, to `other`. Only for a split still all in memory."""
+        moved = []
+        for _ in range(count):
+            size, n = self.held.pop()
+            moved.append((size, self.buffer[self.filled - n : self.filled].copy()))
+            self.filled -= n
+            self.articles, self.tokens = self.articles - 1, self.tokens - n
+            self.chars, self.bytes = self.chars - size[0], self.bytes - size[1]
+        for size, tokens in reversed(moved):
+            other.add(size, tokens)
+
+    def flush(self):
+        if self.filled == 0:
+            return
+        name = f"{self.split}_{len(self.shards):06d}.bin"
+        data = shard_bytes(self.buffer[: self.filled], self.vocab_size)
+        atomic_write_bytes(os.path.join(self.out_dir, name), data)
+        self.shards.append({"split": self.split, "file": name, "tokens": int(self.filled),
+                            "sha256": hashlib.sha256(data).hexdigest()})
+        self.filled = 0
+
+    def state(self, articles_read):
+        """What progress.json records for this split. The tokens not yet in a shard are saved beside
+        it under a new name each time, so the file that an older progress.json names stays intact."""
+        pending = None
+        if self.filled:
+            pending = f".pending_{self.split}_{articles_read}.bin"
+            atomic_write_bytes(os.path.join(self.out_dir, pending), self.buffer[: self.filled].tobytes())
+        return {"shards": self.shards, "articles": self.articles, "chars": self.chars, "bytes": self.bytes,
+                "tokens": self.tokens, "pending": pending}
+
+
+def remove_pending_files(out_dir, keep):
+    for path in glob.glob(os.path.join(out_dir, ".pending_*.bin")):
+        if os.path.basename(path) not in keep:
+            os.remove(path)
 
 
 def shard_checksums(data_dir):

@@ -90,6 +90,14 @@ def hf_tokenizer_files(model_max_length, tokenizer_json=None):
     return {name: text.encode("utf-8") for name, text in files.items()}
 
 
+def dataset_tokenizer_files(data_dir, spec, model_max_length):
+    """hf_tokenizer_files of a dataset's tokenizer (the manifest's block `spec`)."""
+    if spec["kind"] == "gpt2":
+        return hf_tokenizer_files(model_max_length)
+    with open(os.path.join(data_dir, spec["file"]), encoding="utf-8") as f:
+        return hf_tokenizer_files(model_max_length, f.read())
+
+
 @lru_cache(maxsize=None)
 def gpt2_hf_files(model_max_length):
     """GPT-2's files, made once per process: a run writes them into every checkpoint, and serialising
