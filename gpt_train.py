@@ -50,7 +50,7 @@ from wikigpt.tokenizer import (dataset_tokenizer, dataset_tokenizer_files, descr
 
 @dataclass
 class TrainConfig:
-    data: str = "data/sample_en_bpe8192"  # dataset directory written by gpt_dataset.py
+    data: str = "data/sample_en_bpe16384"  # dataset directory written by gpt_dataset.py
     out_dir: str | None = None  # run directory for checkpoints, logs and plots; default runs/<preset>
     preset: str = "mini"  # model size: tiny, mini, small, gpt2, gpt2-medium, gpt2-large, gpt2-xl
     n_layer: int | None = None  # override the preset's number of blocks
@@ -59,7 +59,7 @@ class TrainConfig:
     block_size: int | None = None  # override the preset's context length (tokens)
     dropout: float | None = None  # override the preset's dropout (0 for pretraining)
     init_from: str | None = None  # start from a Hugging Face GPT-2 directory or hub name instead of random weights
-    max_steps: int = 1100  # optimizer steps in the whole run
+    max_steps: int = 1000  # optimizer steps in the whole run
     batch_size: int = 16  # sequences per micro-batch per process
     tokens_per_step: int | None = None  # tokens per optimizer step over all processes; sets accumulation
     optimizer: str = "muon"  # muon: Muon for the blocks' matrices and AdamW for the rest; or adamw for all
@@ -72,12 +72,12 @@ class TrainConfig:
     beta1: float = 0.9  # AdamW momentum
     beta2: float = 0.99  # AdamW second-moment decay: 0.99 averages more batches, which small batches need
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables
-    eval_interval: int = 275  # steps between validation runs (and text samples)
+    eval_interval: int = 250  # steps between validation runs (and text samples)
     eval_steps: int = 20  # validation batches per evaluation (fixed batches, the same every time)
     final_eval_tokens: int = 10_000_000  # the last evaluation reads the whole validation split, up to this
     mask_documents: bool = False  # training attends within each article of a window only; evaluation never masks
     z_loss: float = 0.0  # training adds this x log(Z)^2 per token (Z: softmax normaliser) to the logged loss; 0 off
-    ckpt_interval: int = 550  # steps between checkpoints; the last step always gets one
+    ckpt_interval: int = 500  # steps between checkpoints; the last step always gets one
     keep_last: int = 2  # newest checkpoints kept, besides the best by validation loss
     tracker: str = "none"  # also send metrics.jsonl's rows to tensorboard (run_dir/tensorboard) or wandb
     sample_tokens: int = 48  # tokens in the text sample printed at each evaluation; 0 disables

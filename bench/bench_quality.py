@@ -3,7 +3,7 @@ whole validation split, in bits per byte (comparable across tokenizers) and nats
 wall time its training process took.
 
     python bench/bench_quality.py --run "quickstart=" --run "muon=--optimizer muon --lr 4e-3"
-    python bench/bench_quality.py --data data/sample_en_bpe8192 --run "deeper=--n-layer 8" --max-steps 500
+    python bench/bench_quality.py --data data/sample_en_bpe16384 --run "deeper=--n-layer 8" --max-steps 500
     python bench/bench_quality.py --run "gpt2=--data data/sample_en_gpt2 --max-steps 590"   # another dataset
 
 Each --run is NAME=FLAGS: gpt_train.py flags on top of the defaults (the quickstart) and of this
@@ -44,7 +44,7 @@ def train(flags, data, out_dir):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default="data/sample_en_bpe8192", help="dataset directory of gpt_dataset.py")
+    parser.add_argument("--data", default="data/sample_en_bpe16384", help="dataset directory of gpt_dataset.py")
     parser.add_argument("--run", action="append", required=True, help="NAME=FLAGS, repeatable")
     parser.add_argument("--max-steps", type=int, help="steps of every run unless its FLAGS set them")
     args = parser.parse_args()

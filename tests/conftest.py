@@ -100,8 +100,8 @@ def sample_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def bpe_sample_dir(tmp_path_factory):
-    """The English sample with the default tokenizer: a BPE of 8,192 ids trained on its training split."""
-    out = tmp_path_factory.mktemp("data") / "sample_en_bpe8192"
+    """The English sample with the default tokenizer: a BPE of 16,384 ids trained on its training split."""
+    out = tmp_path_factory.mktemp("data") / "sample_en_bpe16384"
     gpt_dataset.main(["--source", "sample", "--out", str(out), "--workers", "2"])
     return str(out)
 
@@ -109,7 +109,7 @@ def bpe_sample_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def french_bpe_dir(tmp_path_factory):
     """The French sample with a BPE trained on its own training split."""
-    out = tmp_path_factory.mktemp("data") / "sample_fr_bpe8192"
+    out = tmp_path_factory.mktemp("data") / "sample_fr_bpe16384"
     gpt_dataset.main(["--source", "sample", "--lang", "fr", "--out", str(out), "--workers", "2"])
     return str(out)
 

@@ -236,6 +236,26 @@ def test_an_interrupted_hub_download_resumes_from_the_streams_position(tmp_path,
     assert directory_digest(str(tmp_path / "interrupted")) == directory_digest(str(tmp_path / "reference"))
 
 
+def test_a_bpe_learned_from_the_hubs_stream(tmp_path, monkeypatch):
+    """The default tokenizer on the hub's stream: one pass for the BPE, one for the shards; the result
+    decodes back to the articles."""
+    import datasets
+
+    hub, real_load, pulled = fake_hub_dataset(tmp_path / "hub"), datasets.load_dataset, []
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config, **kwargs: real_load(
+        str(hub), split="train", streaming=True).map(lambda row: pulled.append(row["id"]) or row))
+    monkeypatch.setattr(sources.socket, "create_connection", lambda *args, **kwargs: io.StringIO())
+    out = tmp_path / "out"
+    gpt_dataset.main(["--source", "wikipedia", "--out", str(out), "--workers", "1", "--vocab-size", "600",
+                      "--val-fraction", "0.1"])
+    manifest = load_manifest(str(out))
+    assert manifest["tokenizer"]["kind"] == "bpe" and manifest["tokenizer"]["vocab_size"] <= 600
+    assert len(pulled) == 2 * 1200  # the tokenizer's pass and the shards' pass
+    docs = decoded_documents(str(out), "val")
+    assert len(docs) == manifest["val"]["articles"] > 50
+    assert all(doc.startswith("Article ") for doc in docs)
+
+
 def test_hub_source_offline_gives_one_clear_error(tmp_path, monkeypatch):
     def no_network(*args, **kwargs):
         raise OSError("network unreachable")

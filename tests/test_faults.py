@@ -55,22 +55,36 @@ def restore(checkpoint):
         torch.set_rng_state(rng)
 
 
-def test_training_killed_20_times_resumes_to_bit_identical_weights(sample_dir, tmp_path):
-    """kill -9 after a random number of steps, checkpoints written every step (so many kills land inside a write)."""
-    args = ["--max-steps", "200", "--ckpt-interval", "1", "--eval-interval", "10", "--keep-last", "2"]
+def checkpoint_fingerprint(checkpoint):
+    """What a checkpoint holds of a run, as sha256s: weights, optimizer moments, RNG states, data position."""
+    with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+        state = json.load(f)
+    files = {n: file_sha256(os.path.join(checkpoint, n)) for n in ["model.safetensors", "optimizer.safetensors",
+                                                                      "rng.safetensors"]}
+    return {**files, "step": state["step"], "data": state["data"]}
+
+
+def test_training_killed_20_times_resumes_to_bit_identical_weights(bpe_sample_dir, tmp_path):
+    """kill -9 after a random number of steps, checkpoints written every step (so many kills land inside a
+    write). After every kill, each complete checkpoint equals the uninterrupted run's of the same step."""
+    args = ["--max-steps", "150", "--ckpt-interval", "1", "--eval-interval", "10"]  # 20 kills reach step <= 120
     reference = tmp_path / "reference"
-    assert subprocess.run(train_command(sample_dir, reference, *args), capture_output=True).returncode == 0
+    result = subprocess.run(train_command(bpe_sample_dir, reference, *args, "--keep-last", "1000"), capture_output=True)
+    assert result.returncode == 0
+    expected = {os.path.basename(c): checkpoint_fingerprint(c) for c in checkpoints_in(str(reference))}
+    assert len(expected) == 150
 
     run = tmp_path / "killed"
     rng = random.Random(1)
     kills = 0
     while kills < 20:
         resume = ["--resume"] if checkpoints_in(str(run)) else []
-        process = subprocess.Popen(train_command(sample_dir, run, *args, *resume),
+        process = subprocess.Popen(train_command(bpe_sample_dir, run, *args, "--keep-last", "2", *resume),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if not wait_for_work(process, steps_logged(run / "metrics.jsonl"), rng.randint(1, 5)):
             break  # finished before the kill (then the assertion below fails)
-        time.sleep(rng.uniform(0.0, 0.02))  # into the next checkpoint write or step, at a random point
+        pause = rng.uniform(0.0, 0.02)
+        time.sleep(pause)  # into the next checkpoint write or step, at a random point
         process.kill()
         process.wait()
         kills += 1
@@ -80,11 +94,17 @@ def test_training_killed_20_times_resumes_to_bit_identical_weights(sample_dir, t
         for name in os.listdir(run):  # a partial write never carries a checkpoint's name
             if name.startswith("ckpt_"):
                 assert os.path.isfile(run / name / "trainer_state.json"), name
+        for checkpoint in newest:
+            got, name = checkpoint_fingerprint(checkpoint), os.path.basename(checkpoint)
+            differing = [k for k in got if got[k] != expected[name][k]]
+            assert not differing, f"kill {kills} ({pause * 1000:.1f} ms after a step): {name} differs in {differing}"
     assert kills == 20
-    result = subprocess.run(train_command(sample_dir, run, *args, "--resume"), capture_output=True, text=True)
+    result = subprocess.run(train_command(bpe_sample_dir, run, *args, "--keep-last", "2", "--resume"),
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    expected, got = final_weights(reference), final_weights(run)
-    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    expected_weights, got = load_file(reference / "ckpt_0000150" / "model.safetensors"), final_weights(run)
+    assert checkpoints_in(str(run))[-1].endswith("ckpt_0000150")
+    assert all(torch.equal(expected_weights[k], got[k]) for k in expected_weights)
 
 
 @pytest.mark.parametrize("moment", ["training", "evaluation", "checkpoint write"])

@@ -158,7 +158,8 @@ def test_trained_checkpoint_prints_a_continuation(sample_dir, tmp_path):
 
     run = tmp_path / "run"
     gpt_train.main(["--data", sample_dir, "--out-dir", str(run), "--preset", "tiny", "--block-size", "32",
-                    "--batch-size", "4", "--max-steps", "3", "--sample-tokens", "0", "--eval-steps", "1"])
+                    "--batch-size", "4", "--max-steps", "3", "--sample-tokens", "0", "--eval-steps", "1",
+                    "--final-eval-tokens", "2048"])
     result = run_infer(["--checkpoint", str(run), "--input", "The city", "--max-new-tokens", "10",
                         "--num-samples", "2"])
     assert result.returncode == 0, result.stderr
@@ -179,7 +180,7 @@ def test_a_config_far_larger_than_its_weights_is_refused_before_allocating(sampl
     run = tmp_path / "run"
     trained = run_script("gpt_train.py", ["--data", sample_dir, "--out-dir", str(run), "--preset", "tiny",
                                           "--block-size", "32", "--batch-size", "2", "--max-steps", "1",
-                                          "--eval-steps", "1", "--sample-tokens", "0"])
+                                          "--eval-steps", "1", "--sample-tokens", "0", "--final-eval-tokens", "2048"])
     assert trained.returncode == 0, trained.stderr[-2000:]
     checkpoint = run / "ckpt_0000001"
     config = json.loads((checkpoint / "config.json").read_text())
@@ -190,7 +191,7 @@ def test_a_config_far_larger_than_its_weights_is_refused_before_allocating(sampl
                                   str(checkpoint), "--max-steps", "1"]),
                 ("gpt_train.py", ["--data", sample_dir, "--out-dir", str(run), "--preset", "tiny", "--block-size", "32",
                                   "--batch-size", "2", "--max-steps", "2", "--eval-steps", "1", "--sample-tokens", "0",
-                                  "--resume"])]
+                                  "--final-eval-tokens", "2048", "--resume"])]
     for name, args in commands:
         result = run_script(name, args, preexec_fn=limited_memory)
         assert_one_clear_error(result, "does not match config.json")

@@ -42,15 +42,20 @@ def weights(run, step):
 
 
 def assert_same_training(one, other, step):
-    """Equal losses (rel 1e-5) and weights, as tests/test_train.py compares DDP with one process."""
+    """Equal losses (rel 1e-5) and weights, as tests/test_train.py compares DDP with one process: AdamW
+    moves a weight whose gradients are all but zero by a share of the rate set by their last bits, so
+    the order of a sum moves a few such weights (rows of rare tokens in the embedding: a few per
+    million) by a small part of a step (3e-3). Every other weight agrees to 1e-5; gradients not
+    averaged alike would move most of them by a step."""
     assert len(losses(one)) == len(losses(other)) > 0
     for a, b in zip(losses(one), losses(other)):
         assert a == pytest.approx(b, rel=1e-5)
     wa, wb = weights(one, step), weights(other, step)
     differing = sum(int((~torch.isclose(wa[k], wb[k], rtol=1e-4, atol=1e-5)).sum()) for k in wa)
-    assert differing <= 10, f"{differing} weights differ"
+    total = sum(w.numel() for w in wa.values())
+    assert differing <= total / 50_000, f"{differing} of {total} weights differ"
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=3e-4)
 
 
 @pytest.fixture(scope="module")
@@ -161,9 +166,9 @@ def test_the_hugging_face_copy_of_a_sharded_checkpoint_is_the_trained_model(fsdp
     for name, tensor in ours.state_dict().items():
         assert torch.equal(tensor, state["model"][name]), name
     hf = transformers.GPT2LMHeadModel.from_pretrained(checkpoint).eval()
-    idx = torch.randint(0, 8191, (2, 32))
+    idx = torch.randint(0, 16383, (2, 32))
     with torch.no_grad():
-        torch.testing.assert_close(hf(idx).logits, ours(idx)[0][..., :8192], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(hf(idx).logits, ours(idx)[0][..., :16384], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("damage", ["missing", "cut short"])

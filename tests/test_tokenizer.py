@@ -52,12 +52,12 @@ def test_training_is_deterministic_and_uses_training_articles_only(bpe_sample_di
     for name in os.listdir(bpe_sample_dir):
         assert (again / name).read_bytes() == open(os.path.join(bpe_sample_dir, name), "rb").read(), name
     manifest = load_manifest(bpe_sample_dir)
-    assert manifest["tokenizer"]["kind"] == "bpe" and manifest["tokenizer"]["vocab_size"] == 8192
+    assert manifest["tokenizer"]["kind"] == "bpe" and manifest["tokenizer"]["vocab_size"] == 16384
     # Validation articles were never read by the trainer: with only the validation split's text, the
     # merges learned differ from the dataset's.
     rows, _ = sample_articles("en")
     val_only = [text for article_id, _, text, _ in rows if gpt_dataset.is_validation(article_id, 0.05)]
-    assert vocabulary_digest(encoding_from_hf_json(train_bpe(val_only, 8192))) != \
+    assert vocabulary_digest(encoding_from_hf_json(train_bpe(val_only, 16384))) != \
         vocabulary_digest(dataset_tokenizer(bpe_sample_dir, manifest["tokenizer"]))
 
 
@@ -73,9 +73,9 @@ def test_autotokenizer_of_a_checkpoint_gives_the_shards_ids(bpe_sample_dir, bpe_
     transformers = pytest.importorskip("transformers")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tokenizer = transformers.AutoTokenizer.from_pretrained(bpe_checkpoint)
-    assert len(tokenizer) == 8192 and tokenizer.eos_token_id == 8191 and tokenizer.model_max_length == 32
+    assert len(tokenizer) == 16384 and tokenizer.eos_token_id == 16383 and tokenizer.model_max_length == 32
     val = np.concatenate(open_split(bpe_sample_dir, "val"))
-    starts = np.flatnonzero(val == 8191).tolist() + [len(val)]
+    starts = np.flatnonzero(val == 16383).tolist() + [len(val)]
     articles = held_out_articles(bpe_sample_dir)
     assert len(articles) > 400
     for (a, b), text in zip(zip(starts, starts[1:]), articles):
@@ -85,7 +85,7 @@ def test_autotokenizer_of_a_checkpoint_gives_the_shards_ids(bpe_sample_dir, bpe_
         if "<|endoftext|>" not in text:  # transformers reads that literal as the special token, by design
             assert tokenizer.encode(text) == model_tokenizer(bpe_checkpoint).encode_ordinary(text)
     generation = transformers.GenerationConfig.from_pretrained(bpe_checkpoint)
-    assert generation.eos_token_id == 8191
+    assert generation.eos_token_id == 16383
 
 
 def test_bits_per_byte_lead_the_log_and_compare_tokenizers(bpe_checkpoint):
@@ -94,8 +94,8 @@ def test_bits_per_byte_lead_the_log_and_compare_tokenizers(bpe_checkpoint):
     final = rows[-1]
     assert 0 < final["whole_val_bits_per_byte"] < final["whole_val_loss"]
     log = open(os.path.join(run, "train.log")).read().splitlines()
-    assert "bits per byte" in log[-1] and "tokenizer bpe-8192: 8,192 ids" in "\n".join(log)
-    assert json.loads(open(os.path.join(bpe_checkpoint, "config.json")).read())["vocab_size"] == 8192
+    assert "bits per byte" in log[-1] and "tokenizer bpe-16384: 16,384 ids" in "\n".join(log)
+    assert json.loads(open(os.path.join(bpe_checkpoint, "config.json")).read())["vocab_size"] == 16384
 
 
 def test_a_french_run_end_to_end(french_bpe_dir, tmp_path, monkeypatch):
@@ -140,7 +140,7 @@ def test_resume_refuses_shards_of_another_tokenizer(sample_dir, bpe_sample_dir, 
     before = sorted(os.listdir(run))
     result = run_script("gpt_train.py", ["--data", bpe_sample_dir, "--out-dir", str(run), *FAST_TRAINING,
                                          "--max-steps", "2", "--resume"])
-    assert_one_clear_error(result, "hold ids of a bpe tokenizer of 8,192 ids, the run was trained on a gpt2")
+    assert_one_clear_error(result, "hold ids of a bpe tokenizer of 16,384 ids, the run was trained on a gpt2")
     assert sorted(os.listdir(run)) == before
 
 
@@ -161,10 +161,10 @@ def test_a_checkpoint_whose_tokenizer_outgrows_the_model_is_refused(bpe_checkpoi
     config = json.loads((checkpoint / "config.json").read_text())
     config.update(vocab_size=4096, padded_vocab_size=4096, bos_token_id=4095, eos_token_id=4095)
     (checkpoint / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="its tokenizer has 8,192 ids, but the model only 4,096 rows"):
+    with pytest.raises(CheckpointError, match="its tokenizer has 16,384 ids, but the model only 4,096 rows"):
         __import__("infer").load_tokenizer(str(checkpoint))
     result = run_script("infer.py", ["--checkpoint", str(checkpoint), "--input", "x"])
-    assert_one_clear_error(result, "its tokenizer has 8,192 ids, but the model only 4,096 rows")
+    assert_one_clear_error(result, "its tokenizer has 16,384 ids, but the model only 4,096 rows")
 
 
 def wait_for_line(process, text):
@@ -184,7 +184,7 @@ def test_killed_while_training_the_tokenizer_or_encoding_a_rerun_gives_identical
                                                                                         moment):
     out = tmp_path / "killed"
     args = ["--source", "sample", "--out", str(out), "--shard-tokens", "100000"]
-    signal_line = {"reading its text": "text for the tokenizer", "training": "training a 8,192-id BPE",
+    signal_line = {"reading its text": "text for the tokenizer", "training": "training a 16,384-id BPE",
                    "writing shards": "trained in"}[moment]
     process = subprocess.Popen(script("gpt_dataset.py", *args), cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, preexec_fn=as_from_a_shell)

@@ -400,7 +400,8 @@ def small_hf_gpt2(directory):
     return str(directory)
 
 
-FINE_TUNE = ["--lr", "1e-4", "--batch-size", "2", "--eval-steps", "1", "--sample-tokens", "0", "--warmup-steps", "1"]
+FINE_TUNE = ["--lr", "1e-4", "--batch-size", "2", "--eval-steps", "1", "--sample-tokens", "0", "--warmup-steps", "1",
+             "--final-eval-tokens", "2048"]
 
 
 def test_init_from_takes_the_pretrained_shape_dropout_0_and_its_own_run_dir(sample_dir, tmp_path):
@@ -462,7 +463,7 @@ def test_resume_follows_a_dataset_that_moved(sample_dir, reference_run, tmp_path
 
 def test_the_quickstart_runs_twice_in_the_same_folder(bpe_sample_dir, tmp_path):
     """The one-liner again: a new run beside the first, which infer.py then finds; --resume continues it."""
-    shutil.copytree(bpe_sample_dir, tmp_path / "data" / "sample_en_bpe8192")
+    shutil.copytree(bpe_sample_dir, tmp_path / "data" / "sample_en_bpe16384")
     train_args = [*FAST_TRAINING, "--sample-tokens", "0", "--max-steps", "2"]
     for attempt in (1, 2):
         for name, args in [("gpt_dataset.py", ["--source", "sample"]), ("gpt_train.py", train_args),

@@ -14,9 +14,10 @@ each with
                            state in torch.distributed.checkpoint's format, one file per process and a
                            .metadata index; it loads into any number of processes
 Nothing is pickled. A checkpoint is written under a temporary name and renamed when every file is on
-disk, so a name `ckpt_N` always means a complete checkpoint.
+disk, and renamed away before it is deleted, so a name `ckpt_N` always means a complete checkpoint.
 """
 
+import errno
 import glob
 import json
 import os
@@ -25,7 +26,6 @@ import shutil
 from dataclasses import dataclass, field
 
 import torch
-from torch.distributed.checkpoint.api import CheckpointException
 
 from wikigpt import convert
 from wikigpt.cli import CheckpointError, UsageError
@@ -83,14 +83,18 @@ def best_checkpoint(run_dir):
 
 
 def prune_checkpoints(run_dir, keep_last):
-    """Deletes all but the newest `keep_last` checkpoints and the best by validation loss."""
+    """Deletes all but the newest `keep_last` checkpoints and the best by validation loss. Each is
+    first renamed to a hidden name, so that a crash during the deletion never leaves a part of a
+    checkpoint under a checkpoint's name; what such a crash left is deleted on the next call."""
     checkpoints = checkpoints_in(run_dir)
     keep = set(checkpoints[-keep_last:]) if keep_last > 0 else set()
     keep.add(best_checkpoint(run_dir))
     keep.add(checkpoints[-1])
     for path in checkpoints:
         if path not in keep:
-            shutil.rmtree(path, ignore_errors=True)
+            os.rename(path, os.path.join(run_dir, ".deleted_" + os.path.basename(path)))
+    for leftover in glob.glob(os.path.join(run_dir, ".deleted_ckpt_*")):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 # ---- The training state ----
@@ -175,7 +179,7 @@ def save_checkpoint(run_dir, state, *, val_loss, rng, run):
         model_state = write_sharded_state(tmp, state) if run.sharded else state.model.state_dict()
         if run.master:
             write_checkpoint_files(tmp, state, model_state, val_loss=val_loss, rng=rng, run=run)
-    except (OSError, CheckpointException) as e:
+    except OSError as e:
         error = e
     if run.any_process(error is not None) if run.sharded else error is not None:
         if run.master:
@@ -270,12 +274,18 @@ def write_sharded_state(directory, state):
     """Writes the model and optimizer state of a sharded run into directory/sharded, every process its
     own part, through torch.distributed.checkpoint (DCP). Returns the model's full state dict, gathered
     for the first process only (other processes get an empty one), for the Hugging Face copy."""
+    # Imported here, as DCP is only needed by sharded runs and takes a second to import.
     from torch.distributed.checkpoint import FileSystemWriter, save
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
     model_state, optimizer_state = get_state_dict(state.model, state.optimizers)
-    save({"model": model_state, "optimizers": optimizer_state},
-         storage_writer=FileSystemWriter(os.path.join(directory, SHARDED_DIR)))
+    try:
+        save({"model": model_state, "optimizers": optimizer_state},
+             storage_writer=FileSystemWriter(os.path.join(directory, SHARDED_DIR)))
+    except CheckpointException as e:  # DCP's wrapper of a failed write (a full disk) in any process
+        cause = next((exc for exc, _ in e.failures.values() if isinstance(exc, OSError)), None)
+        raise cause or OSError(errno.EIO, str(e).splitlines()[0][:200]) from e
     return get_model_state_dict(state.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
@@ -284,6 +294,7 @@ def read_sharded_state(directory, state):
     number of processes that wrote it: DCP reads each process's rows from whichever files hold them.
     Every file is checked first, so a missing or cut one is named before anything is read."""
     from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     reader = FileSystemReader(directory)

@@ -260,7 +260,7 @@ def token_byte_lengths(encoding):
 
 
 def describe(encoding):
-    """A tokenizer in a few words, for messages: GPT-2's BPE (50,257 ids), a trained BPE (8,192 ids)."""
+    """A tokenizer in a few words, for messages: GPT-2's BPE (50,257 ids), a trained BPE (16,384 ids)."""
     kind = "GPT-2's BPE" if encoding.name == "gpt2" else "a BPE trained by gpt_dataset.py"
     return f"{kind} ({encoding.n_vocab:,} ids)"
 
