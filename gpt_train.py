@@ -1,7 +1,7 @@
 """Trains the GPT-2 of transformer.py on the token shards of gpt_dataset.py.
 
     python gpt_train.py                                                         # the CPU quickstart, ~9 min
-    python gpt_train.py --data data/wikipedia_en_20231101 --preset gpt2         # one GPU
+    python gpt_train.py --data data/wikipedia_en_20231101_gpt2 --preset gpt2    # one GPU
     torchrun --nproc_per_node=8 gpt_train.py --data ... --preset gpt2           # eight GPUs
     python gpt_train.py ... --resume                                            # continue a run
     python gpt_train.py --data ... --init-from gpt2 --lr 1e-4                   # fine-tune OpenAI's GPT-2
@@ -59,7 +59,7 @@ class TrainConfig:
     block_size: int | None = None  # override the preset's context length (tokens)
     dropout: float | None = None  # override the preset's dropout (0 for pretraining)
     init_from: str | None = None  # start from a Hugging Face GPT-2 directory or hub name instead of random weights
-    max_steps: int = 1000  # optimizer steps in the whole run
+    max_steps: int = 2750  # optimizer steps in the whole run
     batch_size: int = 16  # sequences per micro-batch per process
     tokens_per_step: int | None = None  # tokens per optimizer step over all processes; sets accumulation
     optimizer: str = "muon"  # muon: Muon for the blocks' matrices and AdamW for the rest; or adamw for all

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 
 import gpt_dataset
 import gpt_train
-from wikigpt.checkpoint import TrainingState, checkpoints_in, restore_checkpoint
+from wikigpt.checkpoint import TrainingState, checkpoints_in, prune_checkpoints, restore_checkpoint
 from wikigpt.cli import UsageError
 from wikigpt.files import file_sha256
 from wikigpt.runtime import Runtime
@@ -157,6 +158,26 @@ def test_dataset_killed_20_times_rebuilds_identical_files(tmp_path):
 
 def disk_full(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_kill_while_pruning_never_leaves_part_of_a_checkpoint_under_its_name(tmp_path, monkeypatch):
+    for step in (1, 2, 3):
+        checkpoint = tmp_path / f"ckpt_{step:07d}"
+        checkpoint.mkdir()
+        for name in ("model.safetensors", "optimizer.safetensors", "trainer_state.json"):
+            (checkpoint / name).write_text("{}")
+    (tmp_path / ".tmp_ckpt_0000004").mkdir()  # what a kill inside a write leaves
+
+    def killed(path, ignore_errors=False):
+        raise KeyboardInterrupt("killed while deleting")
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prune_checkpoints(str(tmp_path), keep_last=1)
+    assert [os.path.basename(c) for c in checkpoints_in(str(tmp_path))] == ["ckpt_0000003"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ckpt_")) == ["ckpt_0000003"]
+    monkeypatch.undo()
+    prune_checkpoints(str(tmp_path), keep_last=1)  # the next save's pruning deletes what the kill left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_0000003"]
 
 
 def test_full_disk_during_a_checkpoint_keeps_the_previous_one(sample_dir, tmp_path, monkeypatch):

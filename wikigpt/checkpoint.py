@@ -85,7 +85,8 @@ def best_checkpoint(run_dir):
 def prune_checkpoints(run_dir, keep_last):
     """Deletes all but the newest `keep_last` checkpoints and the best by validation loss. Each is
     first renamed to a hidden name, so that a crash during the deletion never leaves a part of a
-    checkpoint under a checkpoint's name; what such a crash left is deleted on the next call."""
+    checkpoint under a checkpoint's name. Called once a save is complete, it also deletes what killed
+    runs left: partial writes and partial deletions."""
     checkpoints = checkpoints_in(run_dir)
     keep = set(checkpoints[-keep_last:]) if keep_last > 0 else set()
     keep.add(best_checkpoint(run_dir))
@@ -93,8 +94,9 @@ def prune_checkpoints(run_dir, keep_last):
     for path in checkpoints:
         if path not in keep:
             os.rename(path, os.path.join(run_dir, ".deleted_" + os.path.basename(path)))
-    for leftover in glob.glob(os.path.join(run_dir, ".deleted_ckpt_*")):
-        shutil.rmtree(leftover, ignore_errors=True)
+    for name in os.listdir(run_dir):
+        if name.startswith((".deleted_ckpt_", ".tmp_ckpt_")):
+            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
 
 
 # ---- The training state ----
