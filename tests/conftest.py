@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import gpt_dataset  # noqa: E402
+import gpt_train  # noqa: E402
 from wikigpt.files import fetch_from_pypi  # noqa: E402
 
 # Training flags for a model small enough that a step takes tens of milliseconds on a laptop CPU. The
@@ -88,6 +89,12 @@ def assert_one_clear_error(result, message):
     """What bad input must give: a non-zero exit, no traceback, and `message` in the last line."""
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert message in result.stderr.strip().splitlines()[-1]
+
+
+def checkpoint_of_two_steps(data_dir, run, *extra):
+    """Trains the tiny model two steps on `data_dir` in this process; returns its checkpoint's path."""
+    gpt_train.main(["--data", data_dir, "--out-dir", str(run), *FAST_TRAINING, "--max-steps", "2", *extra])
+    return str(run / "ckpt_0000002")
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import types
 import pytest
 
 import gpt_train
-from conftest import FAST_TRAINING
+from conftest import FAST_TRAINING, checkpoint_of_two_steps
 from wikigpt.cli import UsageError
 from wikigpt.shards import open_split
 from wikigpt.tokenizer import gpt2_tokenizer
@@ -18,10 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def checkpoint(sample_dir, tmp_path_factory):
-    run = tmp_path_factory.mktemp("run") / "run"
-    gpt_train.main(["--data", sample_dir, "--out-dir", str(run), *FAST_TRAINING, "--max-steps", "2",
-                    "--sample-tokens", "0"])
-    return str(run / "ckpt_0000002")
+    return checkpoint_of_two_steps(sample_dir, tmp_path_factory.mktemp("run") / "run", "--sample-tokens", "0")
 
 
 @pytest.fixture(autouse=True)

@@ -9,11 +9,10 @@ import subprocess
 
 import numpy as np
 import pytest
-import torch
 
 import gpt_dataset
-import gpt_train
-from conftest import FAST_TRAINING, ROOT, as_from_a_shell, assert_one_clear_error, run_script, script
+from conftest import (FAST_TRAINING, ROOT, as_from_a_shell, assert_one_clear_error, checkpoint_of_two_steps, run_script,
+                      script)
 from wikigpt.cli import CheckpointError, DataError
 from wikigpt.shards import load_manifest, open_split
 from wikigpt.sources import sample_articles
@@ -63,10 +62,7 @@ def test_training_is_deterministic_and_uses_training_articles_only(bpe_sample_di
 
 @pytest.fixture(scope="module")
 def bpe_checkpoint(bpe_sample_dir, tmp_path_factory):
-    run = tmp_path_factory.mktemp("bpe") / "run"
-    gpt_train.main(["--data", bpe_sample_dir, "--out-dir", str(run), *FAST_TRAINING, "--max-steps", "2",
-                    "--sample-tokens", "4"])
-    return str(run / "ckpt_0000002")
+    return checkpoint_of_two_steps(bpe_sample_dir, tmp_path_factory.mktemp("bpe") / "run", "--sample-tokens", "4")
 
 
 def test_autotokenizer_of_a_checkpoint_gives_the_shards_ids(bpe_sample_dir, bpe_checkpoint, monkeypatch):
