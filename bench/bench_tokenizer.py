@@ -127,6 +127,7 @@ def plot(table, langs, sizes, path):
     ax.set(xscale="log", xlabel="vocabulary size (ids)", ylabel="UTF-8 bytes per token (validation articles)",
            title="What a trained BPE holds per token")
     ax.set_xticks(sizes, [f"{s // 1024}K" for s in sizes])
+    ax.minorticks_off()  # the log scale's own ticks would print over the named sizes
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

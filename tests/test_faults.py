@@ -1,7 +1,7 @@
 """Fault injection: kill -9, signals at bad moments, full disks. Nothing may be lost or silently wrong.
 
 Figures from these tests are recorded in docs/reliability.md. They run in the default suite (about
-four minutes on 2 cores).
+three minutes on 2 cores).
 """
 
 import errno
