@@ -118,14 +118,22 @@ def in_workers(work, tasks, config, tokenizer=False):
         gpt2_tokenizer()  # load (or fetch) once here, so that the forked workers inherit it
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     with context.Pool(config.workers, initializer=initializer, initargs=initargs) as pool:
-        for task, where in tasks:
-            in_flight.append((pool.apply_async(work, (task, config.min_chars, config.val_fraction)), where))
-            if len(in_flight) >= 4 * config.workers:
+        try:
+            for task, where in tasks:
+                in_flight.append((pool.apply_async(work, (task, config.min_chars, config.val_fraction)), where))
+                if len(in_flight) >= 4 * config.workers:
+                    result, where = in_flight.popleft()
+                    yield result.get(), where
+            while in_flight:
                 result, where = in_flight.popleft()
                 yield result.get(), where
-        while in_flight:
-            result, where = in_flight.popleft()
-            yield result.get(), where
+        except GeneratorExit:
+            # The caller stopped early (--max-tokens reached). Leaving the block terminates the pool, which
+            # can wait for ever on its feeder thread if that is still writing a task to a worker: let the
+            # few tasks in flight finish first, so that it has nothing left to write.
+            for result, _ in in_flight:
+                result.wait()
+            raise
 
 
 @dataclass
