@@ -391,6 +391,21 @@ def test_two_processes_and_two_nodes_match_one_with_the_same_global_batch(sample
             torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-3)
 
 
+def test_a_ddp_checkpoint_resumes_in_one_process_with_the_run_s_global_batch(bpe_sample_dir, tmp_path):
+    """--tokens-per-step left at its default: the run's own global batch (2 processes x 4 x 32) is kept
+    by the resume in one process, as two micro-batches, instead of being refused as a changed setting."""
+    common = ["--data", bpe_sample_dir, "--out-dir", str(tmp_path / "run"), *FAST_TRAINING, "--sample-tokens", "0",
+              "--eval-interval", "100", "--ckpt-interval", "2", "--optimizer", "adamw"]
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             os.path.join(ROOT, "gpt_train.py"), *common, "--max-steps", "2"],
+                            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert double.returncode == 0, double.stderr[-3000:]
+    resumed = run_script("gpt_train.py", [*common, "--max-steps", "4", "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "processes 2 -> 1" in resumed.stderr and "1 x 2 micro-batch(es)" in resumed.stderr
+    assert (tmp_path / "run" / "ckpt_0000004").is_dir()
+
+
 def small_hf_gpt2(directory):
     """A Hugging Face GPT-2 directory written by transformers itself, as the hub's gpt2 is: context 64,
     dropout 0.1 in its config (as GPT-2's), so that the test sees which shape and dropout a run takes."""
