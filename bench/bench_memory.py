@@ -3,8 +3,9 @@
     python bench/bench_memory.py                                    # CPU: the small preset at 2 x 512
     python bench/bench_memory.py --device cuda --preset gpt2-medium --batch-size 4 --block-size 1024
 
-Each row runs a few training steps (AdamW unless --optimizer says otherwise, random tokens) of the real wrapping that gpt_train.py uses
-(wikigpt/runtime.py: DDP, or FSDP2's fully_shard per block), under torchrun with 1 or 2 processes,
+Each row runs a few training steps (AdamW unless --optimizer says otherwise, random tokens) of the
+real wrapping that gpt_train.py uses (wikigpt/runtime.py: DDP, or FSDP2's fully_shard per block),
+under torchrun with 1 or 2 processes,
 and reports for the first process the bytes of its parameters, gradients and optimizer state (local
 shards under FSDP), its peak memory (on CUDA the allocator's peak; on a CPU the growth of the
 process's peak resident memory over what it held before the model was built: Python, torch) and the

@@ -42,6 +42,12 @@ def checkpoint_dir(run_dir, step):
     return os.path.join(run_dir, f"ckpt_{step:07d}")
 
 
+def hidden_checkpoint_dir(checkpoint, state):
+    """The name a checkpoint has while it is written (state "tmp") or deleted ("deleted"): hidden, and
+    never matched by checkpoints_in."""
+    return os.path.join(os.path.dirname(checkpoint), f".{state}_{os.path.basename(checkpoint)}")
+
+
 def checkpoints_in(run_dir):
     """Complete checkpoint directories of a run, oldest first. Partial ones (a crash mid-write) are
     still under a temporary name and never match."""
@@ -93,10 +99,10 @@ def prune_checkpoints(run_dir, keep_last):
     keep.add(checkpoints[-1])
     for path in checkpoints:
         if path not in keep:
-            os.rename(path, os.path.join(run_dir, ".deleted_" + os.path.basename(path)))
-    for name in os.listdir(run_dir):
-        if name.startswith((".deleted_ckpt_", ".tmp_ckpt_")):
-            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+            os.rename(path, hidden_checkpoint_dir(path, "deleted"))
+    for state in ("deleted", "tmp"):
+        for leftover in glob.glob(hidden_checkpoint_dir(os.path.join(run_dir, "ckpt_*"), state)):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 # ---- The training state ----
@@ -170,7 +176,7 @@ def save_checkpoint(run_dir, state, *, val_loss, rng, run):
     final = checkpoint_dir(run_dir, state.step)
     if not (run.master or run.sharded) or os.path.isdir(final):
         return final  # not this process's to write, or saved already (a stop right after resuming): keep it
-    tmp = os.path.join(run_dir, "." + os.path.basename(final).replace("ckpt_", "tmp_ckpt_"))
+    tmp = hidden_checkpoint_dir(final, "tmp")
     error = None
     try:
         if run.master:
