@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -85,6 +86,18 @@ def test_optimizers_split_the_parameters(name):
     assert [kind for kind, _ in groups].count("Muon") == (1 if name == "muon" else 0)
 
 
+def test_the_adamw_part_beside_muon_follows_the_schedule_at_its_own_rate():
+    model = GPT(config_from_preset("tiny"))
+    optimizers = gpt_train.make_optimizers(model, name="muon", lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95),
+                                           device_type="cpu", adamw_lr=4e-3)
+    state = SimpleNamespace(model=model, optimizers=optimizers, scaler=torch.amp.GradScaler("cuda", enabled=False))
+    x = torch.randint(0, 50257, (2, 16))
+    model(x, x)[1].backward()
+    gpt_train.clip_and_step(state, torch.tensor(5.0), 5e-4, grad_clip=1.0)  # a step of the schedule at half the peak
+    rates = [(type(o).__name__, g["lr"]) for o in optimizers for g in o.param_groups]
+    assert rates == [("AdamW", pytest.approx(2e-3)), ("AdamW", pytest.approx(2e-3)), ("Muon", 5e-4)]
+
+
 def test_windows_span_shards_and_cover_each_epoch():
     shards = [np.arange(0, 50, dtype=np.uint16), np.arange(50, 101, dtype=np.uint16)]
     windows = TokenWindows(shards, block_size=10, batch_size=2, seed=0)
@@ -92,10 +105,16 @@ def test_windows_span_shards_and_cover_each_epoch():
     assert windows.window(4).tolist() == list(range(40, 51))  # crosses from shard 0 into shard 1
     first_epoch = np.concatenate([windows.next_batch()[:, 0] for _ in range(5)])
     assert sorted(first_epoch.tolist()) == list(range(0, 100, 10))  # each window once per epoch
-    second_epoch = np.concatenate([windows.next_batch()[:, 0] for _ in range(5)])
-    assert sorted(second_epoch.tolist()) == list(range(0, 100, 10))
-    assert first_epoch.tolist() != second_epoch.tolist()  # reshuffled
+    second_epoch = np.concatenate([windows.next_batch() for _ in range(5)])
+    shift = int(second_epoch[:, 0].min())
+    assert 1 <= shift <= 9  # cut elsewhere: every window moves by the same shift
+    assert sorted(second_epoch[:, 0].tolist()) == list(range(shift, 100, 10))
+    for row in second_epoch:  # consecutive tokens; the last window runs on from the split's start
+        assert row.tolist() == [(row[0] + j) % 101 for j in range(11)]
+    assert first_epoch.tolist() != (second_epoch[:, 0] - shift).tolist()  # reshuffled
     assert windows.state() == {"batches_done": 10}
+    unshuffled = TokenWindows(shards, block_size=10, batch_size=2, seed=0, shuffle=False)  # validation
+    assert [unshuffled.next_batch()[0, 0] for _ in range(10)] == [0, 20, 40, 60, 80] * 2
 
 
 def test_two_ranks_read_what_one_process_reads_in_two_micro_batches():
@@ -313,6 +332,7 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(sample_dir, tmp_path, sig):
     (["--schedule", "linear"], "--schedule cosine or wsd"),
     (["--cooldown-frac", "1.5"], "--cooldown-frac must be between 0 and 1"),
     (["--z-loss", "-1"], "--z-loss >= 0"),
+    (["--optimizer", "adamw", "--adamw-lr", "1e-3"], "--adamw-lr sets the AdamW part's rate beside Muon"),
     (["--tracker", "mlflow"], "--tracker must be one of none, tensorboard, wandb"),
 ])
 def test_bad_input_gets_one_clear_line(sample_dir, tmp_path, args, message):

@@ -202,10 +202,15 @@ class TokenWindows:
     """Batches of (T + 1)-token windows from memory-mapped shards, for inputs and next-token targets.
 
     The split is cut into non-overlapping windows; each epoch visits every window once, in an order
-    shuffled by (seed, epoch), B windows to a micro-batch. The position is one integer, the number of
-    micro-batches consumed, saved in checkpoints: a resumed run reads exactly the batches the
-    uninterrupted run would have read. Rank r of N takes micro-batches r, r + N, r + 2N, ..., so N
-    processes read the same data as one process accumulating N micro-batches.
+    shuffled by (seed, epoch), B windows to a micro-batch. From the second epoch on, a shuffled split
+    is also cut elsewhere: its windows start at a shift of 1 to T - 1 tokens drawn by (seed, epoch),
+    and the last one runs on from the split's start (another article boundary). On a small split
+    read many times, the model then meets each passage with other neighbours and at other
+    positions, instead of memorising the same windows again (docs/benchmarks.md measures it).
+    The position is one integer, the number of micro-batches consumed, saved in checkpoints: a
+    resumed run reads exactly the batches the uninterrupted run would have read. Rank r of N takes
+    micro-batches r, r + N, r + 2N, ..., so N processes read the same data as one process
+    accumulating N micro-batches.
     """
 
     def __init__(self, shards, block_size, batch_size, *, seed, rank=0, world_size=1, shuffle=True):
@@ -218,36 +223,46 @@ class TokenWindows:
             raise DataError(f"the split holds {self.offsets[-1]:,} tokens, fewer than one batch of "
                             f"{batch_size * world_size} x {block_size + 1}; use a smaller --batch-size or --block-size")
         self.batches_done = 0
-        self.epoch_order = (None, None)  # (epoch, its shuffled window order), computed once per epoch
+        self.epoch_plan = (None, None, 0)  # (epoch, its shuffled window order, its shift), computed once per epoch
 
-    def order(self, epoch):
-        if self.epoch_order[0] != epoch:
+    def plan(self, epoch):
+        """(window order, shift) of an epoch: the order a permutation, the shift 0 in the first epoch."""
+        if self.epoch_plan[0] != epoch:
             n = self.batches_per_epoch * self.B
-            order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-            self.epoch_order = (epoch, order)
-        return self.epoch_order[1]
+            if self.shuffle:
+                rng = np.random.default_rng([self.seed, epoch])
+                order = rng.permutation(n)
+                shift = int(rng.integers(1, self.T)) if epoch > 0 and self.T > 1 else 0
+            else:
+                order, shift = np.arange(n), 0
+            self.epoch_plan = (epoch, order, shift)
+        return self.epoch_plan[1:]
 
-    def window(self, index):
-        """Tokens [index * T, index * T + T + 1) of the split, which may span two shards."""
-        start, end = index * self.T, index * self.T + self.T + 1
-        shard = int(np.searchsorted(self.offsets, start, side="right") - 1)
+    def window(self, index, shift=0):
+        """Tokens [s, s + T + 1) of the split, s = index * T + shift, which may span two shards; past
+        the split's end they continue from its start."""
+        start = index * self.T + shift
+        end, total = start + self.T + 1, int(self.offsets[-1])
         pieces = []
         while start < end:
-            local = start - self.offsets[shard]
+            position = start % total
+            shard = int(np.searchsorted(self.offsets, position, side="right") - 1)
+            local = position - self.offsets[shard]
             take = min(end - start, len(self.shards[shard]) - local)
             pieces.append(self.shards[shard][local : local + take])
-            start, shard = start + take, shard + 1
+            start += take
         return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
-    def stack(self, indices):
+    def stack(self, indices, shift=0):
         """(len(indices), T + 1) int64 array of those windows."""
-        return np.stack([self.window(i) for i in indices]).astype(np.int64)
+        return np.stack([self.window(i, shift) for i in indices]).astype(np.int64)
 
     def next_batch(self):
         """(B, T + 1) int64 array: this rank's share of the next global micro-batch."""
         epoch, batch = divmod(self.batches_done + self.rank, self.batches_per_epoch)
         self.batches_done += self.world_size
-        return self.stack(self.order(epoch)[batch * self.B : (batch + 1) * self.B])
+        order, shift = self.plan(epoch)
+        return self.stack(order[batch * self.B : (batch + 1) * self.B], shift)
 
     def state(self):
         return {"batches_done": self.batches_done}
