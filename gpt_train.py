@@ -64,7 +64,6 @@ class TrainConfig:
     tokens_per_step: int | None = None  # tokens per optimizer step over all processes; sets accumulation
     optimizer: str = "muon"  # muon: Muon for the blocks' matrices and AdamW for the rest; or adamw for all
     lr: float = 8e-3  # peak learning rate, reached after warmup (Muon's is scaled to match AdamW's update size)
-    adamw_lr: float | None = None  # muon: peak rate of the AdamW part (embedding and head, LayerNorms); default --lr
     min_lr: float | None = None  # final learning rate of the decay; default lr / 10
     schedule: str = "wsd"  # after warmup: wsd (constant, then a linear decay) or cosine (decay all along)
     cooldown_frac: float = 0.3  # wsd: share of the steps spent decaying to min_lr
@@ -118,7 +117,7 @@ def lr_at(step, *, max_lr, min_lr, warmup_steps, max_steps, schedule="cosine", c
 # ---- Optimizers ----
 
 
-def make_optimizers(model, *, name, lr, weight_decay, betas, device_type, adamw_lr=None):
+def make_optimizers(model, *, name, lr, weight_decay, betas, device_type):
     """The optimizers of a run, as a list: AdamW for every parameter, or with name "muon", Muon for
     the 2-D weights inside the blocks and AdamW for the rest.
 
@@ -126,8 +125,7 @@ def make_optimizers(model, *, name, lr, weight_decay, betas, device_type, adamw_
     iterations, so that an update moves every direction of the matrix alike instead of a few
     dominant ones. It suits hidden matrices only: the embedding (also the head, as they are tied)
     and the vectors stay with AdamW. adjust_lr_fn="match_rms_adamw" scales Muon's step to AdamW's
-    typical size, so that one --lr and schedule serve both; adamw_lr, if given, sets the AdamW part's
-    own peak rate (each group's "lr_scale" carries it through the schedule).
+    typical size, so that one --lr and schedule serve both.
 
     Weight decay applies to matrices only, not to biases and LayerNorm gains, which set scales and
     offsets rather than store features. AdamW uses its fused kernel on CUDA and CPU: one pass over
@@ -138,10 +136,9 @@ def make_optimizers(model, *, name, lr, weight_decay, betas, device_type, adamw_
     hidden = [p for n, p in named if name == "muon" and p.dim() == 2 and n.startswith("transformer.h.")]
     hidden_ids = {id(p) for p in hidden}
     rest = [p for _, p in named if id(p) not in hidden_ids]
-    scale = 1.0 if adamw_lr is None else adamw_lr / lr
-    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay, "lr_scale": scale},
-              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
-    optimizers = [torch.optim.AdamW(groups, lr=lr * scale, betas=betas, fused=device_type in ("cuda", "cpu"))]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    optimizers = [torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ("cuda", "cpu"))]
     if hidden:
         optimizers.append(torch.optim.Muon(hidden, lr=lr, weight_decay=weight_decay, momentum=0.95,
                                            adjust_lr_fn="match_rms_adamw"))
@@ -165,9 +162,6 @@ def resolve_config(config, world_size):
     for name in positive:
         if getattr(config, name) < 1:
             raise UsageError(f"{flag(name)} must be at least 1, got {getattr(config, name)}")
-    if config.adamw_lr is not None and (config.optimizer != "muon" or config.adamw_lr <= 0):
-        raise UsageError("--adamw-lr sets the AdamW part's rate beside Muon: use it with --optimizer muon and a "
-                         "positive rate (with --optimizer adamw, --lr is AdamW's rate)")
     if config.lr <= 0 or config.warmup_steps < 0 or config.weight_decay < 0 or config.grad_clip < 0:
         raise UsageError("--lr must be positive; --warmup-steps, --weight-decay and --grad-clip >= 0")
     if config.keep_last < 1 or config.sample_tokens < 0:
@@ -338,7 +332,7 @@ def set_up(config):
     train_model, eval_model = wrap_for_training(model, run, compiled=compiled,
                                                 activation_checkpointing=config.activation_checkpointing)
     optimizers = make_optimizers(model, name=config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
-                                 betas=(config.beta1, config.beta2), device_type=device.type, adamw_lr=config.adamw_lr)
+                                 betas=(config.beta1, config.beta2), device_type=device.type)
     state = TrainingState(model, optimizers, torch.amp.GradScaler("cuda", enabled=run.autocast_dtype == torch.float16),
                           TokenWindows(train_shards, T, B, seed=config.seed, rank=rank, world_size=world_size),
                           settings=asdict(config), data_shards=data_shards, tokenizer=tokenizer_spec,
@@ -369,7 +363,7 @@ def clip_and_step(state, loss, lr, grad_clip):
     max_norm = grad_clip if grad_clip > 0 else float("inf")  # inf: measure, never clip
     grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), max_norm)
     for group in (group for optimizer in state.optimizers for group in optimizer.param_groups):
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["lr"] = lr
     if hasattr(grad_norm, "full_tensor"):  # sharded: the norm over every process's shards, as one value
         grad_norm = grad_norm.full_tensor()
     loss_value, norm_value = loss.item(), grad_norm.item()

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -84,18 +83,6 @@ def test_optimizers_split_the_parameters(name):
     embedding = model.transformer.wte.weight
     assert [kind for kind, g in groups if any(p is embedding for p in g["params"])] == ["AdamW"]
     assert [kind for kind, _ in groups].count("Muon") == (1 if name == "muon" else 0)
-
-
-def test_the_adamw_part_beside_muon_follows_the_schedule_at_its_own_rate():
-    model = GPT(config_from_preset("tiny"))
-    optimizers = gpt_train.make_optimizers(model, name="muon", lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95),
-                                           device_type="cpu", adamw_lr=4e-3)
-    state = SimpleNamespace(model=model, optimizers=optimizers, scaler=torch.amp.GradScaler("cuda", enabled=False))
-    x = torch.randint(0, 50257, (2, 16))
-    model(x, x)[1].backward()
-    gpt_train.clip_and_step(state, torch.tensor(5.0), 5e-4, grad_clip=1.0)  # a step of the schedule at half the peak
-    rates = [(type(o).__name__, g["lr"]) for o in optimizers for g in o.param_groups]
-    assert rates == [("AdamW", pytest.approx(2e-3)), ("AdamW", pytest.approx(2e-3)), ("Muon", 5e-4)]
 
 
 def test_windows_span_shards_and_cover_each_epoch():
@@ -332,7 +319,6 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(sample_dir, tmp_path, sig):
     (["--schedule", "linear"], "--schedule cosine or wsd"),
     (["--cooldown-frac", "1.5"], "--cooldown-frac must be between 0 and 1"),
     (["--z-loss", "-1"], "--z-loss >= 0"),
-    (["--optimizer", "adamw", "--adamw-lr", "1e-3"], "--adamw-lr sets the AdamW part's rate beside Muon"),
     (["--tracker", "mlflow"], "--tracker must be one of none, tensorboard, wandb"),
 ])
 def test_bad_input_gets_one_clear_line(sample_dir, tmp_path, args, message):
