@@ -53,11 +53,22 @@ class TrainConfig:
     data: str = "data/sample_en_bpe16384"  # dataset directory written by gpt_dataset.py
     out_dir: str | None = None  # run directory for checkpoints, logs and plots; default runs/<preset>
     preset: str = "mini"  # model size: tiny, mini, small, gpt2, gpt2-medium, gpt2-large, gpt2-xl
+    arch: str = "gpt2"  # the block: gpt2 (2019), qwen3 (rotary, RMSNorm, query/key norms, SwiGLU) or llama
     n_layer: int | None = None  # override the preset's number of blocks
     n_head: int | None = None  # override the preset's attention heads
     n_embd: int | None = None  # override the preset's width
     block_size: int | None = None  # override the preset's context length (tokens)
     dropout: float | None = None  # override the preset's dropout (0 for pretraining)
+    n_kv_head: int | None = None  # key/value heads (grouped-query attention); default one per query head
+    head_dim: int | None = None  # override the width of each head (default n_embd / n_head)
+    mlp_hidden: int | None = None  # override the MLP's inner width
+    norm: str | None = None  # override the architecture's norm: layernorm or rmsnorm
+    positions: str | None = None  # override the architecture's positions: learned or rotary
+    qk_norm: bool | None = None  # override whether queries and keys are normalised per head
+    mlp: str | None = None  # override the architecture's MLP: gelu, relu2 or swiglu
+    bias: bool | None = None  # override whether linear layers and norms have biases
+    tie_embeddings: bool | None = None  # override whether the head shares the token embedding's weight
+    rope_theta: float | None = None  # override the rotary base
     init_from: str | None = None  # start from a Hugging Face GPT-2 directory or hub name instead of random weights
     max_steps: int = 2750  # optimizer steps in the whole run
     batch_size: int = 16  # sequences per micro-batch per process
@@ -190,20 +201,24 @@ def resolve_config(config, world_size):
     return Settings(config, model_config, config.tokens_per_step // tokens_per_micro)
 
 
+MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "n_kv_head", "head_dim", "mlp_hidden", "norm", "positions",
+                "qk_norm", "mlp", "bias", "tie_embeddings", "rope_theta")
+
+
 def model_config_of(config):
-    """The model's config: the preset with the size overrides, or with --init-from the pretrained model's
-    own shape. Its dropout is 0 unless --dropout says otherwise (GPT-2's config.json says 0.1, a
-    fine-tuning setting; pretraining on this much text does not overfit)."""
-    sizes = dict(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd, block_size=config.block_size)
+    """The model's config: the preset and architecture with the overrides, or with --init-from the
+    pretrained model's own. Its dropout is 0 unless --dropout says otherwise (GPT-2's config.json says
+    0.1, a fine-tuning setting; pretraining on this much text does not overfit)."""
+    overrides = {name: getattr(config, name) for name in MODEL_FIELDS}
     if config.init_from:
-        if any(v is not None for v in sizes.values()):
-            raise UsageError("--init-from takes the pretrained model's size: drop --n-layer, --n-head, "
-                             "--n-embd and --block-size")
+        if any(v is not None for v in overrides.values()):
+            raise UsageError("--init-from takes the pretrained model's shape and pieces: drop "
+                             f"{', '.join(flag(k) for k, v in overrides.items() if v is not None)}")
         return GPTConfig.from_pretrained(config.init_from, dropout=config.dropout or 0.0)
     try:
-        return config_from_preset(config.preset, **sizes, dropout=config.dropout)
-    except ValueError as e:  # an unknown preset, or sizes that do not fit together
-        raise UsageError(f"--preset {config.preset} with the sizes given: {e}") from e
+        return config_from_preset(config.preset, config.arch, **overrides, dropout=config.dropout)
+    except ValueError as e:  # an unknown preset or architecture, or sizes that do not fit together
+        raise UsageError(f"--preset {config.preset} --arch {config.arch} with the sizes given: {e}") from e
 
 
 # ---- Evaluation ----

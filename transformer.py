@@ -1,27 +1,33 @@
-"""GPT-2, written out by hand so that every step can be read.
+"""GPT-2, and the block of today's LLMs beside it, written out by hand so that every step can be read.
 
-The model is the one of "Language Models are Unsupervised Multitask Learners" (Radford et al., 2019):
+GPT-2 is the model of "Language Models are Unsupervised Multitask Learners" (Radford et al., 2019):
 token plus learned position embeddings, a stack of pre-LayerNorm blocks (causal self-attention, then
 a 4x MLP with tanh-GELU, each wrapped in a residual connection), a final LayerNorm and a language-model
-head that shares its weight with the token embedding.
+head that shares its weight with the token embedding. The models a learner meets next (Llama, Qwen3,
+Mistral, OLMo) keep that skeleton and change a few pieces: rotary positions inside attention instead
+of a position table, RMSNorm instead of LayerNorm, normalised queries and keys, a gated MLP, no biases,
+an untied head, fewer key/value heads than query heads. Each piece is one small class below, set
+beside GPT-2's, chosen once from the config when the model is built (ARCHITECTURES names the sets that
+a stock Hugging Face class runs); the forward pass reads the same for every choice.
 
 The file reads top to bottom as the model is explained:
-    GPTConfig and the presets          the sizes
+    GPTConfig, ARCHITECTURES, presets  the sizes and the pieces
+    LayerNorm / RMSNorm                the norms
+    LearnedPositions / RotaryPositions where a token's position enters
     KVCache, CausalSelfAttention       attention, with the cache that makes decoding one token cheap
-    MLP, Block                         the rest of a transformer block
+    MLP / GatedMLP, Block              the rest of a transformer block
     GPT                                embeddings, blocks, head and loss; generation; FLOP count
     sample_next_token, keep_top_k/p    the sampling filters that generation uses
 
 Two pieces of machinery live in the package beside this file: the CPU trainer's head and loss in
 one pass (wikigpt/fused_loss.py, switched on by GPT.fused_loss; the model reads the same without it)
-and the mapping to and from Hugging Face's GPT-2 files (wikigpt/convert.py). Module names follow the
-original checkpoints (`transformer.h.0.attn.c_attn`, ...), so weights move to and from Hugging
-Face's `GPT2LMHeadModel` with one documented change: GPT-2 stores its projection weights as Conv1D,
-(in, out), where `nn.Linear` keeps (out, in).
+and the mapping to and from Hugging Face's files (wikigpt/convert.py). Module names follow GPT-2's
+checkpoints (`transformer.h.0.attn.c_attn`, ...) for every architecture; convert.py renames and
+splits them into Qwen3's or Llama's names (`model.layers.0.self_attn.q_proj`, ...) on the way out.
 
 Notation used in shape comments:
     B  batch size            T  sequence length (tokens in this call)
-    C  embedding width       nh number of heads        hs head size, C // nh
+    C  embedding width       nh query heads     nkv key/value heads     hs head size (C // nh by default)
     V  vocabulary rows (padded_vocab_size)             L  number of layers    N  rows, B * T
 
 Run `python -m pytest tests/test_transformer.py` to check it against Hugging Face's implementation.
@@ -38,7 +44,7 @@ from wikigpt import convert
 from wikigpt.fused_loss import fused_head_and_loss
 from wikigpt.tokenizer import EOT_TOKEN, VOCAB_SIZE
 
-# ---- Sizes ----
+# ---- Sizes and pieces ----
 
 
 @dataclass
@@ -48,30 +54,66 @@ class GPTConfig:
     padded_vocab_size: int = 50304  # embedding rows: vocab_size rounded up to a multiple of 64 for fast matmuls
     eot_token: int = EOT_TOKEN  # <|endoftext|>, which starts every article: where document_mask cuts
     n_layer: int = 12  # transformer blocks
-    n_head: int = 12  # attention heads per block
+    n_head: int = 12  # query heads per block
     n_embd: int = 768  # residual stream width C
+    n_kv_head: int | None = None  # key/value heads, each shared by n_head // n_kv_head query heads; None: n_head
+    head_dim: int | None = None  # hs, the width of each head; None: n_embd // n_head
+    mlp_hidden: int | None = None  # the MLP's inner width; None: 4 C, or for the gated MLP as many parameters
     dropout: float = 0.0  # on embeddings, attention weights and residual branches; 0 for pretraining
     attention: str = "sdpa"  # "sdpa" (fused kernel, flash attention on CUDA) or "manual" (explicit softmax)
+    # The pieces in which today's block differs from GPT-2's (ARCHITECTURES names the usual sets):
+    norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (scale only, no centring)
+    norm_eps: float = 1e-5  # added to the variance inside every norm
+    positions: str = "learned"  # "learned": a table added to the embeddings (GPT-2); "rotary": q and k rotated
+    rope_theta: float = 10000.0  # rotary: the base of the rotation frequencies
+    qk_norm: bool = False  # RMSNorm each head's queries and keys before the scores
+    mlp: str = "gelu"  # "gelu" (GPT-2), "relu2" (ReLU squared) or "swiglu" (gated SiLU)
+    bias: bool = True  # biases in the linear layers and LayerNorms
+    tie_embeddings: bool = True  # the head reuses the token embedding's weight
 
     def __post_init__(self):
+        choices = dict(attention=("sdpa", "manual"), norm=("layernorm", "rmsnorm"), positions=("learned", "rotary"),
+                       mlp=("gelu", "relu2", "swiglu"))
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if min(self.block_size, self.n_layer, self.n_head, self.n_embd) < 1:
             raise ValueError("block_size, n_layer, n_head and n_embd must all be positive")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.head_dim is None and self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}), or head_dim set")
+        # The defaults resolved once, so that equal models have equal configs however they were written.
+        self.n_kv_head = self.n_kv_head or self.n_head
+        self.head_dim = self.head_dim or self.n_embd // self.n_head
+        # The gated MLP has three matrices to the plain one's two: by default it gets 2/3 of 4 C
+        # (rounded to a multiple of 64), as many parameters, so that the two compare fairly.
+        gated_width = max(64, round(8 * self.n_embd / 3 / 64) * 64)
+        self.mlp_hidden = self.mlp_hidden or (gated_width if self.mlp == "swiglu" else 4 * self.n_embd)
+        if self.n_head % self.n_kv_head or min(self.head_dim, self.mlp_hidden) < 1:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head}); "
+                             "head_dim and mlp_hidden must be positive")
+        if self.positions == "rotary" and self.head_dim % 2:
+            raise ValueError(f"rotary positions need an even head_dim, got {self.head_dim}")
         if self.padded_vocab_size < self.vocab_size:
             raise ValueError("padded_vocab_size must be at least vocab_size")
         if not 0 <= self.eot_token < self.vocab_size:
             raise ValueError(f"eot_token ({self.eot_token}) must be one of the vocabulary's ids")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.attention not in ("sdpa", "manual"):
-            raise ValueError(f"attention must be 'sdpa' or 'manual', got {self.attention!r}")
 
     @classmethod
     def from_pretrained(cls, path_or_name, **overrides):
-        """The config of a Hugging Face GPT-2 directory or hub name, from its config.json alone."""
+        """The config of a Hugging Face model directory or hub name (GPT-2, Qwen3, Llama, ...), from config.json."""
         return convert.read_config(convert.model_directory(path_or_name), cls, **overrides)
 
+
+# The pieces of each architecture, named after the Hugging Face family whose stock class runs the
+# same math (checkpoints are saved as that class's files). qwen3's head is tied by default: on the
+# quickstart's small data an untied head memorises (docs/benchmarks.md); --no-tie-embeddings unties it.
+ARCHITECTURES = {
+    "gpt2": dict(norm="layernorm", norm_eps=1e-5, positions="learned", qk_norm=False, mlp="gelu", bias=True),
+    "qwen3": dict(norm="rmsnorm", norm_eps=1e-6, positions="rotary", qk_norm=True, mlp="swiglu", bias=False),
+    "llama": dict(norm="rmsnorm", norm_eps=1e-6, positions="rotary", qk_norm=False, mlp="swiglu", bias=False),
+}
 
 # Sizes of the four GPT-2 releases, plus small models that train on a laptop CPU.
 PRESETS = {
@@ -85,12 +127,118 @@ PRESETS = {
 }
 
 
-def config_from_preset(name, **overrides):
-    """GPTConfig of a named preset; `overrides` that are None keep the preset's value."""
+def config_from_preset(name, arch="gpt2", **overrides):
+    """GPTConfig of a named preset and architecture; `overrides` that are None keep their value."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    values = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    values = {**PRESETS[name], **ARCHITECTURES[arch], **{k: v for k, v in overrides.items() if v is not None}}
     return GPTConfig(**values)
+
+
+# ---- Norms: what each branch reads ----
+
+
+def LayerNorm(config, size):
+    """GPT-2's norm: each vector minus its mean, over its standard deviation, times a gain plus a bias."""
+    return nn.LayerNorm(size, eps=config.norm_eps, bias=config.bias)
+
+
+class RMSNorm(nn.Module):
+    """Replaces LayerNorm: divides by the root mean square only, without subtracting the mean, and has
+    no bias. One reduction instead of two, and the same quality (Zhang and Sennrich, 2019); computed
+    in float32 whatever the input's dtype, as Qwen3 and Llama do, so that bf16 keeps its scale."""
+
+    def __init__(self, config, size):
+        super().__init__()
+        self.eps = config.norm_eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+NORMS = {"layernorm": LayerNorm, "rmsnorm": RMSNorm}
+
+
+# ---- Positions: where the order of the tokens enters ----
+
+
+def no_rotation(q, k):
+    return q, k
+
+
+class LearnedPositions(nn.Embedding):
+    """GPT-2's positions: one learned vector per position, added to the token embeddings. The model
+    cannot read a position past block_size, and every key's position is baked into the residual
+    stream from the first layer on."""
+
+    can_slide = False  # cached keys hold absolute positions: generate re-encodes when the context is full
+
+    def __init__(self, config):
+        super().__init__(config.block_size, config.n_embd)
+
+    def embed(self, x, start):
+        return x + super().forward(torch.arange(start, start + x.size(1), device=x.device))  # (B, T, C)
+
+    def rotation(self, start, T):
+        return no_rotation
+
+
+class RotaryPositions(nn.Module):
+    """Replaces the position table (Su et al., 2021, RoFormer): nothing is added to the embeddings;
+    instead, in every layer, each pair of a head's query and key coordinates is rotated by an angle
+    proportional to the token's position, at a frequency of its own. A score q . k then depends only on
+    the distance between query and key, never on where both are. No weights; the tables of cos and sin
+    are built once for the context (and on the fly only for positions past it, when decoding slides).
+    Coordinate i is paired with i + hs/2 (the "rotate half" convention of Llama and Qwen3's files)."""
+
+    can_slide = True  # scores depend on distances only, so the oldest cached keys may simply be dropped
+
+    def __init__(self, config):
+        super().__init__()
+        hs = config.head_dim
+        # Computed on the CPU even while the model is built on the meta device (from_pretrained): there
+        # are no weights to load them from. Not saved with the weights (persistent=False).
+        self.register_buffer("inv_freq", 1.0 / config.rope_theta ** (torch.arange(0, hs, 2, device="cpu").float() / hs),
+                             persistent=False)  # (hs/2,)
+        cos, sin = self.tables(torch.arange(config.block_size, device="cpu"))
+        self.register_buffer("cos", cos, persistent=False)  # (block_size, hs)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def tables(self, positions):
+        angles = positions.float()[:, None] * self.inv_freq.float()  # (T, hs/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (T, hs): coordinates i and i + hs/2 share an angle
+        return angles.cos(), angles.sin()
+
+    def embed(self, x, start):
+        return x
+
+    def rotation(self, start, T):
+        """The function that rotates (B, nh, T, hs) queries and keys at positions start .. start + T - 1."""
+        if start + T <= self.cos.size(0):
+            cos, sin = self.cos[start : start + T], self.sin[start : start + T]
+        else:  # past the context: only when decoding slides (GPT.generate)
+            cos, sin = self.tables(torch.arange(start, start + T, device=self.inv_freq.device))
+
+        def rotate(q, k):
+            c, s = cos.to(q.dtype), sin.to(q.dtype)
+            return q * c + rotate_half(q) * s, k * c.to(k.dtype) + rotate_half(k) * s.to(k.dtype)
+
+        return rotate
+
+
+def rotate_half(x):
+    """(x1, x2) -> (-x2, x1) on the two halves of the last dimension: with the cos and sin tables, each
+    pair (x[i], x[i + hs/2]) turns by its angle, as a complex number times exp(i angle) would."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+POSITIONS = {"learned": LearnedPositions, "rotary": RotaryPositions}
 
 
 # ---- Attention, with its key/value cache ----
@@ -99,15 +247,24 @@ def config_from_preset(name, **overrides):
 class KVCache:
     """Keys and values of the tokens seen so far, so that decoding one token costs one token's work.
 
-    One preallocated (L, B, nh, block_size, hs) buffer each for keys and values; `length` counts the
-    positions filled. GPT.forward appends to it and advances `length` after the last layer.
+    One preallocated (L, B, nkv, block_size, hs) buffer each for keys and values; `length` counts the
+    slots filled and `position` the position of the next token. They differ only after drop_oldest,
+    which rotary positions allow. GPT.forward appends to it and advances both after the last layer.
     """
 
     def __init__(self, config, batch_size, device, dtype):
-        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        shape = (config.n_layer, batch_size, config.n_kv_head, config.block_size, config.head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
+        self.position = 0
+
+    def drop_oldest(self):
+        """Frees the last slot by dropping the oldest token of every layer: the next token then sees
+        the newest block_size - 1 tokens and itself, in every layer."""
+        self.keys[:, :, :, :-1] = self.keys[:, :, :, 1:].clone()
+        self.values[:, :, :, :-1] = self.values[:, :, :, 1:].clone()
+        self.length -= 1
 
 
 def causal_mask(T, past, device):
@@ -135,33 +292,47 @@ def fused_attention(q, k, v, past, mask, dropout_p):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
+def shared_heads(x, groups):
+    """(B, nkv, T, hs) -> (B, nkv * groups, T, hs): each key/value head serves `groups` query heads in
+    a row (grouped-query attention, Ainslie et al. 2023: a smaller cache for the same queries)."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.n_head = config.n_head
+        self.n_head, self.n_kv_head, self.hs = config.n_head, config.n_kv_head, config.head_dim
         self.dropout = config.dropout
         self.attention = config.attention
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # queries, keys, values in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)  # mixes the heads back into the stream
+        qkv_width = (config.n_head + 2 * config.n_kv_head) * config.head_dim  # 3 C for GPT-2
+        self.c_attn = nn.Linear(config.n_embd, qkv_width, bias=config.bias)  # queries, keys, values in one matmul
+        self.c_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)  # mixes the heads back
+        # Query/key norms (Qwen3, OLMo 2): each head's queries and keys get unit RMS (times a learned gain)
+        # before the dot product, so that no score can grow without bound and saturate the softmax.
+        self.q_norm = RMSNorm(config, config.head_dim) if config.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(config, config.head_dim) if config.qk_norm else nn.Identity()
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cache=None, layer=0, mask=None):
-        """mask: None for plain causal attention, or (B, 1, T, T) booleans, True where a query may see
-        a key (document_mask); not combined with a cache."""
+    def forward(self, x, rotate, cache=None, layer=0, mask=None):
+        """rotate: the position scheme's rotation of queries and keys (none for GPT-2's table).
+        mask: None for plain causal attention, or (B, 1, T, T) booleans, True where a query may see a
+        key (document_mask); not combined with a cache."""
         B, T, C = x.size()
-        nh, hs = self.n_head, C // self.n_head
-        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
-        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        nh, nkv, hs = self.n_head, self.n_kv_head, self.hs
+        q, k, v = self.c_attn(x).split([nh * hs, nkv * hs, nkv * hs], dim=2)  # (B, T, nh hs), 2 x (B, T, nkv hs)
+        q = self.q_norm(q.view(B, T, nh, hs)).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_norm(k.view(B, T, nkv, hs)).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k = rotate(q, k)
         past = 0
         if cache is not None:
             past = cache.length
             cache.keys[layer, :, :, past : past + T] = k
             cache.values[layer, :, :, past : past + T] = v
-            k = cache.keys[layer, :, :, : past + T]  # (B, nh, past + T, hs)
-            v = cache.values[layer, :, :, : past + T]  # (B, nh, past + T, hs)
+            k = cache.keys[layer, :, :, : past + T]  # (B, nkv, past + T, hs)
+            v = cache.values[layer, :, :, : past + T]  # (B, nkv, past + T, hs)
+        k, v = shared_heads(k, nh // nkv), shared_heads(v, nh // nkv)  # (B, nh, past + T, hs)
 
         if self.attention == "manual":  # the attention of the paper, written out
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, past + T)
@@ -172,34 +343,63 @@ class CausalSelfAttention(nn.Module):
         else:  # the same in one fused kernel (flash attention on CUDA)
             y = fused_attention(q, k, v, past, mask, self.dropout if self.training else 0.0)
 
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # (B, T, nh hs): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
 
+class ReLUSquared(nn.Module):
+    """max(0, x)^2: as cheap as ReLU, smooth at 0 for its gradient, and sparse (So et al. 2021, Primer)."""
+
+    def forward(self, x):
+        return F.relu(x).square()
+
+
 class MLP(nn.Module):
+    """GPT-2's MLP: widen to 4 C, a nonlinearity, back to C. tanh-GELU as GPT-2 was trained, or ReLU^2."""
+
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 was trained with the tanh approximation
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
+        # GPT-2 was trained with the tanh approximation of GELU
+        self.act = nn.GELU(approximate="tanh") if config.mlp == "gelu" else ReLUSquared()
+        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, 4C) inside, (B, T, C) out
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))  # (B, T, 4C) inside, (B, T, C) out
 
 
-class Block(nn.Module):
-    """Pre-LayerNorm: each branch reads a normalised copy and adds its result to the residual stream."""
+class GatedMLP(nn.Module):
+    """Replaces GPT-2's MLP (SwiGLU, Shazeer 2020; Llama, Qwen3): two projections up, one of them through
+    SiLU and used as a gate that scales the other elementwise, then one down. c_fc makes both halves in
+    one matmul: the gate first, then the values (convert.py splits them into gate_proj and up_proj)."""
 
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd)
-        self.mlp = MLP(config)
+        self.c_fc = nn.Linear(config.n_embd, 2 * config.mlp_hidden, bias=config.bias)
+        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cache=None, layer=0, mask=None):
-        x = x + self.attn(self.ln_1(x), cache, layer, mask)
+    def forward(self, x):
+        gate, up = self.c_fc(x).chunk(2, dim=-1)  # each (B, T, hidden)
+        return self.dropout(self.c_proj(F.silu(gate) * up))  # (B, T, C)
+
+
+MLPS = {"gelu": MLP, "relu2": MLP, "swiglu": GatedMLP}
+
+
+class Block(nn.Module):
+    """Pre-norm: each branch reads a normalised copy and adds its result to the residual stream."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = NORMS[config.norm](config, config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = NORMS[config.norm](config, config.n_embd)
+        self.mlp = MLPS[config.mlp](config)
+
+    def forward(self, x, rotate, cache=None, layer=0, mask=None):
+        x = x + self.attn(self.ln_1(x), rotate, cache, layer, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -210,15 +410,15 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.padded_vocab_size, config.n_embd),  # token embeddings
-                wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
+                wpe=POSITIONS[config.positions](config),  # positions: GPT-2's table, or rotary (no weights)
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
-                ln_f=nn.LayerNorm(config.n_embd),
+                ln_f=NORMS[config.norm](config, config.n_embd),
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        # Weight tying: the head scores each token by its embedding (and saves V x C parameters).
-        self.lm_head.weight = self.transformer.wte.weight
+        if config.tie_embeddings:  # the head scores each token by its embedding (and saves V x C parameters)
+            self.lm_head.weight = self.transformer.wte.weight
         # The trainer sets this on a CPU: the head and the loss then run as one pass, equal in value
         # (LinearCrossEntropy, after the model). It changes speed only, never the result.
         self.fused_loss = False
@@ -246,16 +446,18 @@ class GPT(nn.Module):
         keeps the logits from drifting upwards together, which lets higher learning rates stay stable.
         """
         B, T = idx.size()
-        past = cache.length if cache is not None else 0
+        past, start = (cache.length, cache.position) if cache is not None else (0, 0)
         if past + T > self.config.block_size:
             raise ValueError(f"{past + T} positions exceed the context of {self.config.block_size}")
-        pos = torch.arange(past, past + T, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        positions = self.transformer.wpe
+        x = self.transformer.drop(positions.embed(self.transformer.wte(idx), start))  # (B, T, C)
+        rotate = positions.rotation(start, T)  # the same rotation for every layer
         mask = document_mask(idx, self.config.eot_token) if mask_documents else None
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, cache, layer, mask)
+            x = block(x, rotate, cache, layer, mask)
         if cache is not None:
             cache.length += T
+            cache.position += T
         x = self.transformer.ln_f(x)
         if targets is not None and self.fused_loss:
             return fused_head_and_loss(x, self.lm_head.weight, targets, self.config.vocab_size, z_loss)
@@ -276,22 +478,29 @@ class GPT(nn.Module):
         """Yields the next token ids, (B,), one step at a time, continuing the (B, T) prompt `idx`.
 
         A generator, so callers can print tokens as they come and stop early. With the cache, each step
-        runs the model on one token. Position embeddings are absolute, so cached keys cannot be moved
-        when the context window is full: the newest half window is then encoded afresh, and each
-        later token again costs one token until the window fills up once more. Without the cache, each
-        step re-reads the newest block_size tokens, the reference behaviour.
+        runs the model on one token. When the context window is full, what happens depends on the
+        positions. With rotary ones a score depends only on the distance between query and key, so the
+        oldest cached token is dropped and decoding goes on at one token's cost: each new token sees
+        the newest block_size tokens in every layer (a sliding window, as llama.cpp's context shift).
+        GPT-2's table puts each token's absolute position into everything computed from it, so its
+        cached keys cannot move: the newest half window is encoded afresh, and each later token again
+        costs one token until the window fills up once more. Without the cache, each step re-reads the
+        newest block_size tokens, the reference behaviour.
         """
         window = self.config.block_size
+        slides = self.transformer.wpe.can_slide
         cache = None
         tokens = idx
         for _ in range(max_new_tokens):
             if not use_cache:
                 logits = self(tokens[:, -window:])[0]
-            elif cache is None or cache.length == window:
+            elif cache is None or (cache.length == window and not slides):
                 context = tokens[:, -window:] if cache is None else tokens[:, -(window // 2) :]
                 cache = KVCache(self.config, tokens.size(0), tokens.device, self.lm_head.weight.dtype)
                 logits = self(context, cache=cache)[0]
             else:
+                if cache.length == window:
+                    cache.drop_oldest()
                 logits = self(tokens[:, -1:], cache=cache)[0]
             next_token = sample_next_token(
                 logits[:, -1, : self.config.vocab_size],
@@ -303,33 +512,37 @@ class GPT(nn.Module):
     # ---- What training needs to know about the model ----
 
     def num_params(self, embeddings=True):
-        """Parameter count; the tied head is counted once. embeddings=False drops wte and wpe."""
+        """Parameter count; a tied head is counted once. embeddings=False drops wte and wpe."""
         n = sum(p.numel() for p in self.parameters())
         if not embeddings:
-            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+            n -= self.transformer.wte.weight.numel() + sum(p.numel() for p in self.transformer.wpe.parameters())
         return n
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token: 6 N + 12 L T C (forward plus backward, which costs twice forward).
+        """Training FLOPs per token: 6 N + 12 L T (nh hs) (forward plus backward, which costs twice forward).
 
-        N counts every weight used in a matmul: all parameters but the position table (the tied token
-        embedding counts, since it is the head's matmul). 6 N is 2 FLOPs per multiply-add times three
-        passes; 12 L T C adds the attention scores and weighted sums, which have no weights
-        (PaLM, Chowdhery et al. 2022, appendix B).
+        N counts every weight used in a matmul: all parameters but the position table and, when the
+        head is untied, the token embedding (a lookup; tied, it is the head's matmul). 6 N is 2 FLOPs
+        per multiply-add times three passes; 12 L T (nh hs) adds the attention scores and weighted sums,
+        which have no weights (PaLM, Chowdhery et al. 2022, appendix B).
         """
-        n = self.num_params() - self.transformer.wpe.weight.numel()
-        return 6 * n + 12 * self.config.n_layer * seq_len * self.config.n_embd
+        n = self.num_params() - sum(p.numel() for p in self.transformer.wpe.parameters())
+        if not self.config.tie_embeddings:
+            n -= self.transformer.wte.weight.numel()
+        return 6 * n + 12 * self.config.n_layer * seq_len * self.config.n_head * self.config.head_dim
 
-    # ---- Hugging Face's GPT-2 layout (the mapping is in wikigpt/convert.py) ----
+    # ---- Hugging Face's files (the mapping is in wikigpt/convert.py) ----
 
     def save_pretrained(self, directory):
-        """Writes config.json, model.safetensors and generation_config.json, as GPT2LMHeadModel's
-        from_pretrained (and pipeline, and lm-evaluation-harness) load them."""
+        """Writes config.json, model.safetensors and generation_config.json, as the stock class of the
+        architecture (GPT2LMHeadModel, Qwen3ForCausalLM, LlamaForCausalLM) loads them with
+        from_pretrained, and so pipeline, lm-evaluation-harness and llama.cpp's converter."""
         convert.write_hf_model(directory, self.state_dict(), self.config)
 
     @classmethod
     def from_pretrained(cls, path_or_name, **config_overrides):
-        """Loads a Hugging Face GPT-2 directory, or a hub name such as 'gpt2' (downloads when online).
+        """Loads a Hugging Face directory of GPT-2, Qwen3 or Llama, or a hub name such as 'gpt2' or
+        'Qwen/Qwen3-0.6B' (downloads when online).
 
         Only JSON and safetensors are read, so nothing in the files can run code. The model is built
         on the meta device (no memory, no initialisation), the safetensors header is checked against
@@ -341,7 +554,8 @@ class GPT(nn.Module):
             model = cls(GPTConfig.from_pretrained(directory, **config_overrides))
         weights = convert.read_weights(directory, model)
         model.load_state_dict(weights, strict=True, assign=True)
-        model.lm_head.weight = model.transformer.wte.weight  # assign=True gave the tied pair two parameters
+        if model.config.tie_embeddings:
+            model.lm_head.weight = model.transformer.wte.weight  # assign=True gave the tied pair two parameters
         return model
 
 

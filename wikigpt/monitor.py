@@ -202,7 +202,9 @@ class Monitor:
         logger.info(f"config: {json.dumps(asdict(config))}")
         logger.info(f"model ({origin}): {model.num_params():,} parameters ({model.num_params(embeddings=False):,} "
                     f"without embeddings), {c.n_layer} layers, {c.n_head} heads, width {c.n_embd}, context "
-                    f"{c.block_size}, dropout {c.dropout}" + (" (--dropout to change)" if config.dropout is None else ""))
+                    f"{c.block_size}, {c.norm}, {c.positions} positions, {c.mlp} MLP, qk-norm {c.qk_norm}, "
+                    f"tied head {c.tie_embeddings}, biases {c.bias}, dropout {c.dropout}"
+                    + (" (--dropout to change)" if config.dropout is None else ""))
         logger.info(f"device {run.device}, {run.world_size} process(es), autocast "
                     f"{run.autocast_dtype or 'off (float32)'}, compile {compiled}; {config.tokens_per_step:,} tokens "
                     f"per step = {run.world_size} x {run.accumulation} micro-batch(es) x {config.batch_size} x "
