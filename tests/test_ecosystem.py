@@ -106,3 +106,38 @@ def test_a_missing_tracker_package_is_one_clear_error(sample_dir, tmp_path, monk
     with pytest.raises(UsageError, match=f"--tracker {name} needs the {name} package: pip install {name}"):
         gpt_train.main(["--data", sample_dir, "--out-dir", str(tmp_path / "run"), *FAST_TRAINING, "--tracker", name])
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+@pytest.fixture(scope="module")
+def qwen3_checkpoint(bpe_sample_dir, tmp_path_factory):
+    """Today's block, untied head, trained two steps on the sample with its own BPE."""
+    return checkpoint_of_two_steps(bpe_sample_dir, tmp_path_factory.mktemp("run") / "run", "--sample-tokens", "0",
+                                   "--arch", "qwen3", "--no-tie-embeddings")
+
+
+def test_today_s_block_runs_in_transformers_as_qwen3_with_its_tokenizer(qwen3_checkpoint, bpe_sample_dir):
+    import torch
+
+    from transformer import GPT
+    from wikigpt.generation import generate_text
+    from wikigpt.shards import load_manifest
+    from wikigpt.tokenizer import dataset_tokenizer
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(qwen3_checkpoint).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(qwen3_checkpoint)
+    assert type(model).__name__ == "Qwen3ForCausalLM" and not model.config.tie_word_embeddings
+    encoder = dataset_tokenizer(bpe_sample_dir, load_manifest(bpe_sample_dir)["tokenizer"])
+    val = open_split(bpe_sample_dir, "val")[0]
+    articles = encoder.decode(val.tolist()).split("<|endoftext|>")[1:]
+    assert len(articles) > 400
+    for text in articles:
+        assert tokenizer.encode(text) == encoder.encode_ordinary(text), text[:80]
+    ours = GPT.from_pretrained(qwen3_checkpoint).eval()
+    ids = torch.tensor([encoder.encode_ordinary(articles[0])[:32]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ours(ids)[0][..., :16384], rtol=1e-5, atol=1e-5)
+    generator = transformers.pipeline("text-generation", model=qwen3_checkpoint, device="cpu")
+    greedy = generator("The history of", max_new_tokens=12, min_new_tokens=12, do_sample=False)[0]["generated_text"]
+    expected = generate_text(ours, encoder, encoder.encode_ordinary("The history of"), max_new_tokens=12,
+                             temperature=0, stop_at_eot=False)
+    assert greedy == "The history of" + expected

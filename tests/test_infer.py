@@ -153,15 +153,17 @@ def test_bad_input_gets_one_clear_line(tmp_path, args, message):
     assert_one_clear_error(run_infer(base + args), message)
 
 
-def test_trained_checkpoint_prints_a_continuation(sample_dir, tmp_path):
+@pytest.mark.parametrize("arch, data", [("gpt2", "sample_dir"), ("qwen3", "bpe_sample_dir")])
+def test_trained_checkpoint_prints_a_continuation(arch, data, request, tmp_path):
+    """Both blocks, each with a tokenizer of its own; 40 tokens, past the context of 32."""
     import gpt_train
 
     run = tmp_path / "run"
-    gpt_train.main(["--data", sample_dir, "--out-dir", str(run), "--preset", "tiny", "--block-size", "32",
-                    "--batch-size", "4", "--max-steps", "3", "--sample-tokens", "0", "--eval-steps", "1",
-                    "--final-eval-tokens", "2048"])
-    result = run_infer(["--checkpoint", str(run), "--input", "The city", "--max-new-tokens", "10",
-                        "--num-samples", "2"])
+    gpt_train.main(["--data", request.getfixturevalue(data), "--out-dir", str(run), "--preset", "tiny", "--block-size",
+                    "32", "--batch-size", "4", "--max-steps", "3", "--sample-tokens", "0", "--eval-steps", "1",
+                    "--final-eval-tokens", "2048", "--arch", arch])
+    result = run_infer(["--checkpoint", str(run), "--input", "The city", "--max-new-tokens", "40",
+                        "--num-samples", "2", "--no-stop-at-eot"])
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("--- sample") == 2 and result.stdout.count("The city") == 2
     assert "ckpt_0000003" in result.stderr

@@ -58,18 +58,25 @@ def assert_same_training(one, other, step):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=3e-4)
 
 
-@pytest.fixture(scope="module")
-def fsdp_reference(bpe_sample_dir, tmp_path_factory):
-    """Two processes with --fsdp, 8 steps of 2 x 4 x 32 tokens, a checkpoint every 4 steps."""
+# GPT-2's block with AdamW, and today's with Muon, whose Newton-Schulz step runs on FSDP's row shards.
+BLOCKS = {"gpt2": ["--arch", "gpt2"], "qwen3": ["--arch", "qwen3", "--optimizer", "muon"]}
+
+
+@pytest.fixture(scope="module", params=list(BLOCKS))
+def fsdp_reference(bpe_sample_dir, tmp_path_factory, request):
+    """Two processes with --fsdp, 8 steps of 2 x 4 x 32 tokens, a checkpoint every 4 steps. Returns the
+    run and the flags of its block, which every resume repeats."""
     run = tmp_path_factory.mktemp("fsdp") / "run"
-    result = torchrun(2, ["--data", bpe_sample_dir, "--out-dir", str(run), *FLAGS, "--fsdp", "--max-steps", "8",
-                          "--eval-interval", "4", "--ckpt-interval", "4", "--keep-last", "5", "--dropout", "0.1"])
+    block = BLOCKS[request.param]
+    result = torchrun(2, ["--data", bpe_sample_dir, "--out-dir", str(run), *FLAGS, *block, "--fsdp", "--max-steps",
+                          "8", "--eval-interval", "4", "--ckpt-interval", "4", "--keep-last", "5", "--dropout", "0.1"])
     assert result.returncode == 0, result.stderr[-3000:]
-    return run
+    return run, block
 
 
-def test_two_fsdp_processes_train_as_one_process_accumulating_two_micro_batches(bpe_sample_dir, tmp_path):
-    common = ["--data", bpe_sample_dir, *FLAGS, "--max-steps", "6", "--eval-interval", "3",
+@pytest.mark.parametrize("arch", ["gpt2", "qwen3"])
+def test_two_fsdp_processes_train_as_one_process_accumulating_two_micro_batches(bpe_sample_dir, tmp_path, arch):
+    common = ["--data", bpe_sample_dir, *FLAGS, "--arch", arch, "--max-steps", "6", "--eval-interval", "3",
               "--tokens-per-step", str(2 * 4 * 32), "--final-eval-tokens", str(65 * 32)]  # 33 windows and 32
     single = run_script("gpt_train.py", [*common, "--out-dir", str(tmp_path / "one")])
     assert single.returncode == 0, single.stderr[-2000:]
@@ -89,9 +96,10 @@ def test_two_fsdp_processes_train_as_one_process_accumulating_two_micro_batches(
     assert not (checkpoint / "optimizer.safetensors").exists()
 
 
-def test_activation_checkpointing_gives_the_same_losses_and_gradients(bpe_sample_dir, tmp_path):
+@pytest.mark.parametrize("arch", ["gpt2", "qwen3"])
+def test_activation_checkpointing_gives_the_same_losses_and_gradients(bpe_sample_dir, tmp_path, arch):
     torch.manual_seed(0)
-    plain = GPT(config_from_preset("tiny", vocab_size=512, padded_vocab_size=512, eot_token=511, dropout=0.1))
+    plain = GPT(config_from_preset("tiny", arch, vocab_size=512, padded_vocab_size=512, eot_token=511, dropout=0.1))
     recomputed = GPT(plain.config)
     recomputed.load_state_dict(plain.state_dict())
     checkpoint_activations(recomputed)
@@ -101,16 +109,17 @@ def test_activation_checkpointing_gives_the_same_losses_and_gradients(bpe_sample
         model(idx, targets)[1].backward()
     for (name, a), b in zip(plain.named_parameters(), recomputed.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, msg=name)
-    args = ["--data", bpe_sample_dir, *FLAGS, "--max-steps", "3", "--dropout", "0.1"]
+    args = ["--data", bpe_sample_dir, *FLAGS, "--max-steps", "3", "--dropout", "0.1", "--arch", arch]
     for name, extra in (("plain", []), ("recomputed", ["--activation-checkpointing"])):
         assert run_script("gpt_train.py", [*args, *extra, "--out-dir", str(tmp_path / name)]).returncode == 0
     assert losses(tmp_path / "plain") == losses(tmp_path / "recomputed")
 
 
 def test_fsdp_resumes_bit_for_bit_from_a_sharded_checkpoint(bpe_sample_dir, fsdp_reference, tmp_path):
+    fsdp_reference, block = fsdp_reference
     run = tmp_path / "resumed"
     shutil.copytree(fsdp_reference / "ckpt_0000004", run / "ckpt_0000004")
-    args = ["--data", bpe_sample_dir, "--out-dir", str(run), *FLAGS, "--fsdp", "--max-steps", "8",
+    args = ["--data", bpe_sample_dir, "--out-dir", str(run), *FLAGS, *block, "--fsdp", "--max-steps", "8",
             "--eval-interval", "4", "--ckpt-interval", "4", "--keep-last", "5", "--dropout", "0.1", "--resume"]
     result = torchrun(2, args)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -120,8 +129,9 @@ def test_fsdp_resumes_bit_for_bit_from_a_sharded_checkpoint(bpe_sample_dir, fsdp
 
 
 def test_fsdp_stopped_by_sigterm_and_by_kill_resumes_to_the_same_weights(bpe_sample_dir, fsdp_reference, tmp_path):
+    fsdp_reference, block = fsdp_reference
     run = tmp_path / "stopped"
-    args = ["--data", bpe_sample_dir, "--out-dir", str(run), *FLAGS, "--fsdp", "--max-steps", "8", "--eval-interval",
+    args = ["--data", bpe_sample_dir, "--out-dir", str(run), *FLAGS, *block, "--fsdp", "--max-steps", "8", "--eval-interval",
             "4", "--ckpt-interval", "1", "--keep-last", "5", "--dropout", "0.1"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                os.path.join(ROOT, "gpt_train.py"), *args]
@@ -141,9 +151,10 @@ def test_fsdp_stopped_by_sigterm_and_by_kill_resumes_to_the_same_weights(bpe_sam
 
 
 def test_a_two_process_checkpoint_resumes_in_one_process(bpe_sample_dir, fsdp_reference, tmp_path):
+    fsdp_reference, block = fsdp_reference
     run = tmp_path / "one"
     shutil.copytree(fsdp_reference / "ckpt_0000004", run / "ckpt_0000004")
-    result = run_script("gpt_train.py", ["--data", bpe_sample_dir, "--out-dir", str(run), *FLAGS, "--fsdp",
+    result = run_script("gpt_train.py", ["--data", bpe_sample_dir, "--out-dir", str(run), *FLAGS, *block, "--fsdp",
                                          "--max-steps", "8", "--eval-interval", "4", "--ckpt-interval", "4",
                                          "--keep-last", "5", "--dropout", "0.1", "--resume"])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -156,6 +167,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process(bpe_sample_dir, fsdp_re
 
 def test_the_hugging_face_copy_of_a_sharded_checkpoint_is_the_trained_model(fsdp_reference):
     transformers = pytest.importorskip("transformers")
+    fsdp_reference, _ = fsdp_reference
     from torch.distributed.checkpoint import FileSystemReader, load
 
     checkpoint = fsdp_reference / "ckpt_0000008"
@@ -165,7 +177,7 @@ def test_the_hugging_face_copy_of_a_sharded_checkpoint_is_the_trained_model(fsdp
     load(state, storage_reader=FileSystemReader(str(checkpoint / "sharded")))
     for name, tensor in ours.state_dict().items():
         assert torch.equal(tensor, state["model"][name]), name
-    hf = transformers.GPT2LMHeadModel.from_pretrained(checkpoint).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint).eval()
     idx = torch.randint(0, 16383, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, ours(idx)[0][..., :16384], rtol=1e-5, atol=1e-5)
@@ -173,6 +185,7 @@ def test_the_hugging_face_copy_of_a_sharded_checkpoint_is_the_trained_model(fsdp
 
 @pytest.mark.parametrize("damage", ["missing", "cut short"])
 def test_a_damaged_shard_file_is_named_and_nothing_is_overwritten(bpe_sample_dir, fsdp_reference, tmp_path, damage):
+    fsdp_reference, block = fsdp_reference
     run = tmp_path / "run"
     shutil.copytree(fsdp_reference / "ckpt_0000004", run / "ckpt_0000004")
     shard = run / "ckpt_0000004" / "sharded" / "__1_0.distcp"
@@ -181,7 +194,7 @@ def test_a_damaged_shard_file_is_named_and_nothing_is_overwritten(bpe_sample_dir
     else:
         shard.write_bytes(shard.read_bytes()[:1000])
     before = sorted(p.name for p in run.rglob("*"))
-    result = run_script("gpt_train.py", ["--data", bpe_sample_dir, "--out-dir", str(run), *FLAGS, "--fsdp",
+    result = run_script("gpt_train.py", ["--data", bpe_sample_dir, "--out-dir", str(run), *FLAGS, *block, "--fsdp",
                                          "--max-steps", "8", "--dropout", "0.1", "--resume"])
     assert_one_clear_error(result, "__1_0.distcp is missing or cut short")
     assert sorted(p.name for p in run.rglob("*")) == before
@@ -197,9 +210,10 @@ def test_fsdp_where_it_cannot_work_is_one_line(bpe_sample_dir, tmp_path, args, m
 
 
 def test_switching_fsdp_at_a_resume_is_refused(bpe_sample_dir, fsdp_reference, tmp_path):
+    fsdp_reference, block = fsdp_reference
     run = tmp_path / "run"
     shutil.copytree(fsdp_reference / "ckpt_0000004", run / "ckpt_0000004")
-    result = run_script("gpt_train.py", ["--data", bpe_sample_dir, "--out-dir", str(run), *FLAGS, "--max-steps", "8",
+    result = run_script("gpt_train.py", ["--data", bpe_sample_dir, "--out-dir", str(run), *FLAGS, *block, "--max-steps", "8",
                                          "--dropout", "0.1", "--resume"])
     assert_one_clear_error(result, "--fsdp True -> False")
 

@@ -178,11 +178,11 @@ def test_masked_documents_and_z_loss_change_training_but_not_evaluation(sample_d
 RESUME = ["--max-steps", "8", "--ckpt-interval", "4", "--eval-interval", "4", "--dropout", "0.1", "--keep-last", "5"]
 
 
-def resume_from_step_4(sample_dir, reference, tmp_path):
+def resume_from_step_4(sample_dir, reference, tmp_path, *extra):
     run = tmp_path / "resumed"
     run.mkdir()
     shutil.copytree(reference / "ckpt_0000004", run / "ckpt_0000004")
-    train(sample_dir, run, *RESUME, "--resume")
+    train(sample_dir, run, *RESUME, "--resume", *extra)
     return run
 
 
@@ -193,11 +193,19 @@ def reference_run(sample_dir, tmp_path_factory):
     return run
 
 
-def test_resume_gives_bit_identical_losses_and_weights(sample_dir, reference_run, tmp_path):
-    run = resume_from_step_4(sample_dir, reference_run, tmp_path)
-    expected = [r["loss"] for r in metrics(reference_run) if "loss" in r and r["step"] > 4]
+ARCHS = ["gpt2", "qwen3"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_resume_gives_bit_identical_losses_and_weights(sample_dir, reference_run, tmp_path, arch):
+    reference = reference_run
+    if arch != "gpt2":
+        reference = tmp_path / "reference"
+        train(sample_dir, reference, *RESUME, "--arch", arch)
+    run = resume_from_step_4(sample_dir, reference, tmp_path, "--arch", arch)
+    expected = [r["loss"] for r in metrics(reference) if "loss" in r and r["step"] > 4]
     assert [r["loss"] for r in metrics(run) if "loss" in r] == expected
-    a, b = weights(reference_run / "ckpt_0000008"), weights(run / "ckpt_0000008")
+    a, b = weights(reference / "ckpt_0000008"), weights(run / "ckpt_0000008")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -215,15 +223,16 @@ def test_resume_test_notices_a_state_left_unrestored(sample_dir, reference_run, 
 MUON = ["--optimizer", "muon", "--schedule", "wsd", "--cooldown-frac", "0.5"]
 
 
-@pytest.fixture(scope="module")
-def muon_reference_run(sample_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=ARCHS)
+def muon_reference_run(sample_dir, tmp_path_factory, request):
     run = tmp_path_factory.mktemp("muon") / "run"
-    train(sample_dir, run, *RESUME, *MUON)
-    return run
+    train(sample_dir, run, *RESUME, *MUON, "--arch", request.param)
+    return run, request.param
 
 
 @pytest.mark.parametrize("forget_momentum", [False, True])
 def test_resume_with_muon_is_bit_identical(sample_dir, muon_reference_run, tmp_path, monkeypatch, forget_momentum):
+    muon_reference_run, arch = muon_reference_run
     saved = load_file(os.path.join(muon_reference_run, "ckpt_0000004", "optimizer.safetensors"))
     assert any(k.startswith("opt1.") and k.endswith("momentum_buffer") for k in saved)  # Muon's state is kept
     if forget_momentum:  # the test must notice a Muon state left unrestored
@@ -233,11 +242,11 @@ def test_resume_with_muon_is_bit_identical(sample_dir, muon_reference_run, tmp_p
     run = tmp_path / "resumed"
     run.mkdir()
     shutil.copytree(muon_reference_run / "ckpt_0000004", run / "ckpt_0000004")
-    train(sample_dir, run, *RESUME, *MUON, "--resume")
+    train(sample_dir, run, *RESUME, *MUON, "--arch", arch, "--resume")
     expected = [r["loss"] for r in metrics(muon_reference_run) if "loss" in r and r["step"] > 4]
     assert ([r["loss"] for r in metrics(run) if "loss" in r] == expected) != forget_momentum
     with pytest.raises(UsageError, match="--optimizer muon -> adamw"):
-        train(sample_dir, run, *RESUME, "--resume", "--max-steps", "9", "--optimizer", "adamw")
+        train(sample_dir, run, *RESUME, "--arch", arch, "--resume", "--max-steps", "9", "--optimizer", "adamw")
 
 
 def poison_training_losses(monkeypatch, poisoned_steps, value):
@@ -353,13 +362,14 @@ def test_help_lists_the_knobs():
         assert flag in result.stdout
 
 
-def test_two_processes_and_two_nodes_match_one_with_the_same_global_batch(sample_dir, tmp_path):
+@pytest.mark.parametrize("arch", ARCHS)
+def test_two_processes_and_two_nodes_match_one_with_the_same_global_batch(sample_dir, tmp_path, arch):
     """torchrun with 2 CPU processes (gloo), and with 2 "nodes" of one process each meeting through
     torchrun's c10d rendezvous as separate machines do, against 1 process accumulating 2 micro-batches."""
     # AdamW: Muon's Newton-Schulz iterations amplify the last-bit differences between one summed and two
     # averaged gradients beyond this test's tolerance, which is about the gradients, not the optimizer.
     common = ["--data", sample_dir, *FAST, "--max-steps", "6", "--eval-interval", "3", "--dtype", "float32",
-              "--optimizer", "adamw",
+              "--optimizer", "adamw", "--arch", arch,
               "--tokens-per-step", str(2 * 4 * 32)]
     single = run_script("gpt_train.py", common + ["--out-dir", str(tmp_path / "one")])
     assert single.returncode == 0, single.stderr
@@ -452,11 +462,33 @@ def test_init_from_takes_the_pretrained_shape_dropout_0_and_its_own_run_dir(samp
     assert (run / "ckpt_0000003").is_dir()
 
 
+def test_init_from_a_qwen3_directory_takes_its_shape_and_saves_that_class(sample_dir, tmp_path):
+    """A Qwen3 directory written by transformers (grouped keys and values, an untied head): the run trains
+    its shape and pieces, and its checkpoints load in transformers as that class."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen3Config(vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      max_position_embeddings=64, tie_word_embeddings=False, eos_token_id=50256)
+    transformers.Qwen3ForCausalLM(config).save_pretrained(tmp_path / "qwen3-local")
+    run = tmp_path / "run"
+    args = ["--data", sample_dir, "--init-from", str(tmp_path / "qwen3-local"), *FINE_TUNE, "--out-dir", str(run)]
+    refused = run_script("gpt_train.py", [*args, "--max-steps", "2", "--n-kv-head", "1"])
+    assert_one_clear_error(refused, "--init-from takes the pretrained model's shape and pieces: drop --n-kv-head")
+    result = run_script("gpt_train.py", [*args, "--max-steps", "2"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "rmsnorm, rotary positions, swiglu MLP, qk-norm True, tied head False" in result.stderr
+    saved = json.loads((run / "train_config.json").read_text())["model"]
+    assert (saved["n_kv_head"], saved["head_dim"], saved["block_size"]) == (2, 16, 64)
+    trained = transformers.AutoModelForCausalLM.from_pretrained(run / "ckpt_0000002")
+    assert type(trained).__name__ == "Qwen3ForCausalLM" and trained.config.num_key_value_heads == 2
+
+
 @pytest.mark.parametrize("change, message", [
     (["--n-layer", "3"], "--n-layer None -> 3"),
     (["--lr", "1e-3"], "--lr 0.003 -> 0.001"),
     (["--batch-size", "8"], "--batch-size 4 -> 8"),
     (["--schedule", "cosine"], "--schedule wsd -> cosine"),
+    (["--arch", "qwen3"], "--arch gpt2 -> qwen3"),
     (["--data", "OTHER"], "holds other shards than the run was trained on"),
 ])
 def test_resume_refuses_settings_that_make_another_run(sample_dir, reference_run, tmp_path, change, message):
