@@ -10,6 +10,7 @@ JSON and safetensors only, so a downloaded checkpoint cannot run code on this ma
 
 Checkpoints are found as wikigpt/checkpoint.py describes their layout, and loaded by
 transformer.GPT.from_pretrained, the one loading path that training (--resume, --init-from) uses too.
+--export-gguf writes the loaded model as a GGUF file for llama.cpp instead (wikigpt/export_gguf.py).
 The generated ids become text in wikigpt/generation.py, which the trainer's samples share.
 """
 
@@ -24,6 +25,7 @@ from transformer import GPT, GPTConfig
 from wikigpt import convert
 from wikigpt.checkpoint import best_checkpoint
 from wikigpt.cli import UsageError, parse_config, run_cli
+from wikigpt.export_gguf import OUT_TYPES, write_gguf
 from wikigpt.generation import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, check_sampling, generate_text
 from wikigpt.runs import newest_run
 from wikigpt.runtime import check_dtype_name, inference_weight_dtype, pick_device
@@ -45,6 +47,8 @@ class InferConfig:
     dtype: str = "auto"  # weights: auto (bfloat16 on CUDA and on CPUs with bf16 instructions), float32, bfloat16
     stop_at_eot: bool = True  # end a sample at <|endoftext|>, where the model starts a new article
     cache: bool = True  # use the key/value cache (--no-cache recomputes the whole context every token)
+    export_gguf: str | None = None  # instead of sampling, write the model as this GGUF file (llama.cpp, ollama)
+    gguf_type: str = "f32"  # the GGUF file's weights: f32, f16 or bf16
 
 
 # ---- Finding checkpoints ----
@@ -98,6 +102,8 @@ def check_settings(config):
     if config.max_new_tokens < 1 or config.num_samples < 1:
         raise UsageError("--max-new-tokens and --num-samples must be at least 1")
     check_dtype_name(config.dtype)
+    if config.gguf_type not in OUT_TYPES:
+        raise UsageError(f"--gguf-type must be one of {', '.join(OUT_TYPES)}, got {config.gguf_type!r}")
     try:
         check_sampling(config.temperature, config.top_k, config.top_p)
     except ValueError as e:
@@ -113,6 +119,11 @@ def main(argv=None):
     print(note, file=sys.stderr)
     directory = convert.model_directory(path)  # a hub name is downloaded here
     tokenizer = load_tokenizer(directory)
+    if config.export_gguf:  # instead of sampling: the model as one file for llama.cpp
+        model = load_model(directory, torch.device("cpu"))
+        write_gguf(model.state_dict(), model.config, directory, config.export_gguf, config.gguf_type)
+        print(f"wrote {config.export_gguf}", file=sys.stderr)
+        return
     model = load_model(directory, device, dtype)
     prompt_ids, cut = encode_prompt(tokenizer, config.input, model.config.block_size)
     if cut:
