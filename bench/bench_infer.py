@@ -1,10 +1,10 @@
 """Generated tokens per second at batch 1: infer.py with and without the KV cache, and transformers.
 
-    python bench/bench_infer.py [--new-tokens 256] [--presets small,gpt2] [--device cpu]
+    python bench/bench_infer.py [--new-tokens 256] [--presets small,gpt2] [--archs gpt2,qwen3] [--device cpu]
 
-Each preset gets random weights (speed does not depend on their values), saved once in the Hugging
-Face layout, then loaded by infer.load_model and by transformers.GPT2LMHeadModel, so that all rows
-run the same weights, in float32 and in bfloat16. Greedy decoding with no early stop, so every row generates exactly
+Each preset and block gets random weights (speed does not depend on their values), saved once in the
+Hugging Face layout, then loaded by infer.load_model and by transformers' AutoModelForCausalLM (GPT-2's
+or Qwen3's class), so that all rows run the same weights, in float32 and in bfloat16. Greedy decoding with no early stop, so every row generates exactly
 --new-tokens tokens after the same 8-token prompt; the best of --trials runs counts.
 """
 
@@ -41,6 +41,7 @@ def best_rate(generate, new_tokens, trials, device):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", default="small,gpt2")
+    parser.add_argument("--archs", default="gpt2,qwen3", help="comma-separated blocks: gpt2, qwen3, llama")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--device", default="cpu")
@@ -54,15 +55,15 @@ def main():
     prompt = [464, 2106, 286, 6342, 318, 257, 1621, 286]  # "The history of Paris is a story of"
     print(f"device: {device}, {os.cpu_count()} CPU cores, torch {torch.__version__}, transformers "
           f"{transformers.__version__}; {args.new_tokens} new tokens, batch 1, greedy")
-    print("| preset | weights | implementation | tokens/s | vs. float32 no cache |")
-    print("|---|---|---|---|---|")
-    for preset in args.presets.split(","):
+    print("| preset | block | weights | implementation | tokens/s | vs. float32 no cache |")
+    print("|---|---|---|---|---|---|")
+    for preset, arch in [(p, a) for p in args.presets.split(",") for a in args.archs.split(",")]:
         with tempfile.TemporaryDirectory() as directory:
             torch.manual_seed(0)
             # A 1024-token context for every preset, so that prompt plus new tokens fit without sliding.
-            GPT(config_from_preset(preset, block_size=1024)).save_pretrained(directory)
+            GPT(config_from_preset(preset, arch, block_size=1024)).save_pretrained(directory)
             ours = load_model(directory, device)
-            hf = transformers.GPT2LMHeadModel.from_pretrained(directory).to(device).eval()
+            hf = transformers.AutoModelForCausalLM.from_pretrained(directory).to(device).eval()
         idx = torch.tensor([prompt], device=device)
         baseline = None
         for dtype in (torch.float32, torch.bfloat16):
@@ -82,9 +83,10 @@ def main():
                             min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=50256)
 
             rows["transformers generate (KV cache)"] = best_rate(hf_generate, args.new_tokens, args.trials, device)
-            baseline = baseline or rows["infer.py, no cache"]
+            baseline = rows["infer.py, no cache"] if dtype == torch.float32 else baseline
             for name, rate in rows.items():
-                print(f"| {preset} | {str(dtype)[6:]} | {name} | {rate:,.1f} | {rate / baseline:.1f}x |", flush=True)
+                print(f"| {preset} | {arch} | {str(dtype)[6:]} | {name} | {rate:,.1f} | {rate / baseline:.1f}x |",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def child(args):
     run = Runtime(device, rank, world_size, training_autocast_dtype("auto", device), sharded=args.mode == "fsdp")
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     torch.manual_seed(0)
-    model = GPT(config_from_preset(args.preset, block_size=args.block_size)).to(device)
+    model = GPT(config_from_preset(args.preset, args.arch, block_size=args.block_size)).to(device)
     model.fused_loss = device.type == "cpu"
     train_model, _ = wrap_for_training(model, run, compiled=False, activation_checkpointing=args.ac)
     optimizers = make_optimizers(model, name=args.optimizer, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95),
@@ -81,8 +81,9 @@ def child(args):
 
 def measure(args, mode, processes, ac):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               os.path.abspath(__file__), "--child", "--mode", mode, "--preset", args.preset, "--device", args.device,
-               "--batch-size", str(args.batch_size), "--block-size", str(args.block_size), "--steps", str(args.steps),
+               os.path.abspath(__file__), "--child", "--mode", mode, "--preset", args.preset, "--arch", args.arch,
+               "--device", args.device, "--batch-size", str(args.batch_size), "--block-size", str(args.block_size),
+               "--steps", str(args.steps),
                "--optimizer", args.optimizer]
     command += ["--ac"] if ac else []
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // processes))}
@@ -95,6 +96,7 @@ def measure(args, mode, processes, ac):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="small")
+    parser.add_argument("--arch", default="gpt2", help="the block: gpt2, qwen3 or llama")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--block-size", type=int, default=512)
@@ -110,7 +112,8 @@ def main():
     if args.child:
         return child(args)
     mib = 2**20
-    print(f"preset {args.preset}, batch {args.batch_size} x {args.block_size} per process, {args.optimizer}, "
+    print(f"preset {args.preset}, block {args.arch}, batch {args.batch_size} x {args.block_size} per process, "
+          f"{args.optimizer}, "
           f"device {args.device}")
     print("| wrapping | processes | activation checkpointing | parameters | gradients | optimizer state | "
           "peak (growth on CPU) | step |")

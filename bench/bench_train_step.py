@@ -1,6 +1,6 @@
 """Tokens per second of the real training step: forward, backward, gradient clipping and AdamW.
 
-    python bench/bench_train_step.py                         # CPU table: small and gpt2 presets
+    python bench/bench_train_step.py                         # CPU table: small and gpt2 presets, both blocks
     python bench/bench_train_step.py --device cuda --preset gpt2 --batch-size 16 --block-size 1024 \\
         --dtypes bfloat16 --compile-modes compiled           # one GPU, with MFU
 
@@ -26,10 +26,10 @@ from wikigpt.runtime import pick_device, reuse_freed_memory  # noqa: E402
 CPU_CASES = [("small", 8, 256), ("gpt2", 1, 1024)]  # the sizes of the nanoGPT figures in docs/benchmarks.md
 
 
-def time_steps(preset, batch_size, block_size, dtype, compiled, device, warmup, steps, optimizer="adamw"):
+def time_steps(preset, arch, batch_size, block_size, dtype, compiled, device, warmup, steps, optimizer="adamw"):
     """(tokens/s, MFU or None, peak memory GiB or None) of the training step."""
     torch.manual_seed(0)
-    model = GPT(config_from_preset(preset, block_size=block_size)).to(device)
+    model = GPT(config_from_preset(preset, arch, block_size=block_size)).to(device)
     model.fused_loss = device.type == "cpu" and not compiled  # as gpt_train.py chooses
     optimizers = make_optimizers(model, name=optimizer, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95),
                                  device_type=device.type)
@@ -71,6 +71,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     parser.add_argument("--preset", help="one preset instead of the CPU table's cases")
+    parser.add_argument("--archs", default="gpt2,qwen3", help="comma-separated blocks: gpt2, qwen3, llama")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=1024)
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
@@ -87,17 +88,17 @@ def main():
     cases = [(args.preset, args.batch_size, args.block_size)] if args.preset else CPU_CASES
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
     print(f"device: {name}, torch {torch.__version__}")
-    print("| preset | batch x block | dtype | mode | tokens/s | MFU | peak memory |")
-    print("|---|---|---|---|---|---|---|")
-    for preset, batch_size, block_size in cases:
-        for dtype_name in args.dtypes.split(","):
-            for mode in args.compile_modes.split(","):
-                dtype = getattr(torch, dtype_name)
-                tokens_per_s, mfu, memory = time_steps(preset, batch_size, block_size, dtype, mode == "compiled",
-                                                       device, args.warmup, args.steps)
-                print(f"| {preset} | {batch_size} x {block_size} | {dtype_name} | {mode} | {tokens_per_s:,.0f} | "
-                      f"{f'{mfu:.1%}' if mfu is not None else '-'} | "
-                      f"{f'{memory:.1f} GiB' if memory is not None else '-'} |", flush=True)
+    print("| preset | block | batch x block | dtype | mode | tokens/s | MFU | peak memory |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = [(preset, arch, batch_size, block_size, dtype_name, mode) for preset, batch_size, block_size in cases
+            for arch in args.archs.split(",") for dtype_name in args.dtypes.split(",")
+            for mode in args.compile_modes.split(",")]
+    for preset, arch, batch_size, block_size, dtype_name, mode in rows:
+        tokens_per_s, mfu, memory = time_steps(preset, arch, batch_size, block_size, getattr(torch, dtype_name),
+                                               mode == "compiled", device, args.warmup, args.steps)
+        print(f"| {preset} | {arch} | {batch_size} x {block_size} | {dtype_name} | {mode} | {tokens_per_s:,.0f} | "
+              f"{f'{mfu:.1%}' if mfu is not None else '-'} | "
+              f"{f'{memory:.1f} GiB' if memory is not None else '-'} |", flush=True)
 
 
 if __name__ == "__main__":
