@@ -1,8 +1,9 @@
-"""Samples text from a trained checkpoint, a run directory, or any Hugging Face GPT-2.
+"""Samples text from a trained checkpoint, a run directory, or a Hugging Face GPT-2, Qwen3 or Llama.
 
     python infer.py --input "The history of Paris"                 # newest run under runs/
     python infer.py --checkpoint runs/mini --input "Alan Turing"    # that run's best checkpoint
     python infer.py --checkpoint gpt2 --temperature 0 --input "..." # OpenAI's GPT-2 (online)
+    python infer.py --checkpoint runs/mini --export-gguf mini.gguf  # the model as a file for llama.cpp
 
 Tokens are printed as they are generated. Decoding uses the model's key/value cache, so each new
 token costs one token's forward pass instead of the whole context's. Checkpoints are read from
@@ -35,7 +36,7 @@ from wikigpt.tokenizer import check_tokenizer_fits, model_tokenizer
 @dataclass
 class InferConfig:
     input: str = ""  # the prompt; empty starts a new document after <|endoftext|>
-    checkpoint: str | None = None  # checkpoint or run directory, HF GPT-2 directory or hub name; default newest run
+    checkpoint: str | None = None  # checkpoint or run directory, HF model directory or hub name; default newest run
     runs_dir: str = "runs"  # where to look for the newest run when --checkpoint is not given
     max_new_tokens: int = 200  # tokens to generate per sample
     temperature: float = DEFAULT_TEMPERATURE  # softmax temperature; 0 means greedy (always the most likely token)
