@@ -28,6 +28,7 @@ from wikigpt.checkpoint import best_checkpoint
 from wikigpt.cli import UsageError, parse_config, run_cli
 from wikigpt.export_gguf import OUT_TYPES, write_gguf
 from wikigpt.generation import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, check_sampling, generate_text
+from wikigpt.quantize import quantize_int8
 from wikigpt.runs import newest_run
 from wikigpt.runtime import check_dtype_name, inference_weight_dtype, pick_device
 from wikigpt.tokenizer import check_tokenizer_fits, model_tokenizer
@@ -45,7 +46,8 @@ class InferConfig:
     num_samples: int = 1  # independent continuations of the prompt
     seed: int = 1337  # same seed, same text
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
-    dtype: str = "auto"  # weights: auto (bfloat16 on CUDA and on CPUs with bf16 instructions), float32, bfloat16
+    dtype: str = "auto"  # weights: auto (bfloat16 on CUDA; on a CPU whichever it multiplies faster), float32, bfloat16
+    quantize: str = "none"  # none, or int8: weight-only int8 (half bf16's bytes per token; PyTorch's own kernel)
     stop_at_eot: bool = True  # end a sample at <|endoftext|>, where the model starts a new article
     cache: bool = True  # use the key/value cache (--no-cache recomputes the whole context every token)
     export_gguf: str | None = None  # instead of sampling, write the model as this GGUF file (llama.cpp, ollama)
@@ -103,6 +105,8 @@ def check_settings(config):
     if config.max_new_tokens < 1 or config.num_samples < 1:
         raise UsageError("--max-new-tokens and --num-samples must be at least 1")
     check_dtype_name(config.dtype)
+    if config.quantize not in ("none", "int8"):
+        raise UsageError(f"--quantize must be none or int8, got {config.quantize!r}")
     if config.gguf_type not in OUT_TYPES:
         raise UsageError(f"--gguf-type must be one of {', '.join(OUT_TYPES)}, got {config.gguf_type!r}")
     try:
@@ -126,6 +130,8 @@ def main(argv=None):
         print(f"wrote {config.export_gguf}", file=sys.stderr)
         return
     model = load_model(directory, device, dtype)
+    if config.quantize == "int8":
+        quantize_int8(model)
     prompt_ids, cut = encode_prompt(tokenizer, config.input, model.config.block_size)
     if cut:
         print(f"the prompt is longer than the model's context of {model.config.block_size} tokens: "

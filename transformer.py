@@ -461,7 +461,7 @@ class GPT(nn.Module):
                 logits = self(tokens[:, -window:])[0]
             elif cache is None or (cache.length == window and not slides):
                 context = tokens[:, -window:] if cache is None else tokens[:, -(window // 2) :]
-                cache = KVCache(self.config, tokens.size(0), tokens.device, self.lm_head.weight.dtype,
+                cache = KVCache(self.config, tokens.size(0), tokens.device, self.transformer.wte.weight.dtype,
                                 slots=idx.size(1) + max_new_tokens)
                 logits = self(context, cache=cache)[0]
             else:

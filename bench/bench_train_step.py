@@ -6,7 +6,10 @@
 
 Each row builds the model of transformer.py, runs --warmup steps (compilation happens there), then
 times --steps steps with the device synchronised before each clock read. MFU is the achieved
-FLOP/s (6N + 12LTC per token, transformer.GPT.flops_per_token) over the GPU's bf16 peak.
+FLOP/s (6N + 12LTC per token, transformer.GPT.flops_per_token) over the GPU's bf16 peak or, on a CPU,
+over the rate of this CPU's own square matrix products in the row's dtype, measured in the same run
+just before the row (wikigpt/monitor.py, matmul_rate: the best of 1,024 and 2,048-wide products, as
+gpt_train.py measures it for its log): how much of what the machine can multiply the step uses.
 """
 
 import argparse
@@ -61,7 +64,7 @@ def time_steps(preset, arch, batch_size, block_size, dtype, compiled, device, wa
         step()
     sync()
     tokens_per_s = batch_size * block_size * steps / (time.perf_counter() - started)
-    peak = peak_flops(device)
+    peak, _ = peak_flops(device, dtype)
     mfu = model.flops_per_token(block_size) * tokens_per_s / peak if peak else None
     memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return tokens_per_s, mfu, memory

@@ -197,3 +197,66 @@ def test_a_config_far_larger_than_its_weights_is_refused_before_allocating(sampl
     for name, args in commands:
         result = run_script(name, args, preexec_fn=limited_memory)
         assert_one_clear_error(result, "does not match config.json")
+
+
+# ---- Weight-only int8 (--quantize int8) ----
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen3"])
+def test_int8_logits_stay_within_the_rounding_of_each_weight_row(arch):
+    from transformer import config_from_preset
+    from wikigpt.quantize import Int8Linear, quantize_int8
+
+    torch.manual_seed(0)
+    model = GPT(config_from_preset("tiny", arch, n_kv_head=1 if arch == "qwen3" else None)).eval().to(torch.bfloat16)
+    idx = torch.randint(0, 50257, (2, 24))
+    with torch.no_grad():
+        reference = model(idx)[0][..., :50257].float()
+        quantize_int8(model)
+        logits = model(idx)[0]
+    assert logits.shape == (2, 24, 50304) and torch.isneginf(logits[..., 50257:]).all()
+    linears = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    assert len(linears) == 4 * 2 + 1 and all(m.weight.dtype == torch.int8 for m in linears)
+    assert model.transformer.wte.weight.dtype == torch.bfloat16  # the lookup keeps its rows
+    error = (logits[..., :50257].float() - reference).abs().max().item()
+    assert 0 < error < 0.05 * reference.abs().max().item()  # rounded, and by a small share of the range
+    cached = torch.stack(list(model.generate(idx[:1, :5], 80, temperature=0)), dim=1)  # past the context of 64
+    assert cached.shape == (1, 80)
+
+
+def test_int8_decoding_stops_at_end_of_text(tmp_path):
+    from wikigpt.quantize import quantize_int8
+
+    model = infer.load_model(save_tiny(tmp_path), torch.device("cpu"), torch.bfloat16)
+    quantize_int8(model)
+    with torch.no_grad():  # every logit 0 but <|endoftext|>'s, which is made positive: it comes first
+        model.lm_head.scale[:50256] = 0
+        sign = model(torch.tensor([[464, 2106]]))[0][0, -1, 50256].sign()
+        model.lm_head.scale[50256] *= sign
+    assert model(torch.tensor([[464, 2106]]))[0][0, -1, :50257].argmax() == 50256
+    text = generate_text(model, gpt2_tokenizer(), [464, 2106], max_new_tokens=10, temperature=0)
+    assert text == ""
+    kept = generate_text(model, gpt2_tokenizer(), [464, 2106], max_new_tokens=3, temperature=0, stop_at_eot=False)
+    assert kept.startswith("<|endoftext|>") and len(kept) > len("<|endoftext|>")  # and goes on past it
+
+
+@pytest.mark.parametrize("data", ["sample_dir", "bpe_sample_dir"])
+def test_int8_decodes_a_trained_checkpoint_of_each_tokenizer(data, request, tmp_path):
+    import gpt_train
+
+    run = tmp_path / "run"
+    gpt_train.main(["--data", request.getfixturevalue(data), "--out-dir", str(run), "--preset", "tiny", "--block-size",
+                    "32", "--batch-size", "4", "--max-steps", "3", "--sample-tokens", "0", "--eval-steps", "1",
+                    "--final-eval-tokens", "2048", "--arch", "qwen3"])
+    result = run_infer(["--checkpoint", str(run), "--input", "The city", "--max-new-tokens", "40", "--quantize", "int8",
+                        "--dtype", "bfloat16", "--no-stop-at-eot"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("The city") and len(result.stdout) > len("The city") + 20
+
+
+def test_int8_without_its_kernel_is_refused_in_one_line(tmp_path, monkeypatch):
+    def missing(*args):
+        raise NotImplementedError("no kernel")
+
+    monkeypatch.setattr(torch.ops.aten, "_weight_int8pack_mm", missing)
+    with pytest.raises(UsageError, match="--quantize int8: this PyTorch .* has no int8 weight-only kernel for cpu"):
+        infer.main(["--checkpoint", save_tiny(tmp_path), "--input", "x", "--quantize", "int8"])

@@ -25,7 +25,7 @@ def generate_text(model, tokenizer, prompt_ids, *, max_new_tokens, temperature=D
     Pieces are cut on UTF-8 boundaries: one token can hold half of a multi-byte character, so bytes
     wait in an incremental decoder until their character is whole.
     """
-    device = model.lm_head.weight.device
+    device = model.transformer.wte.weight.device
     generator = torch.Generator(device=device)
     if seed is not None:
         generator.manual_seed(seed)

@@ -29,15 +29,38 @@ PEAK_BF16_TFLOPS = {  # dense bf16 tensor-core peaks from the vendors' data shee
 }
 
 
-def peak_flops(device):
-    """Peak bf16 FLOP/s of the CUDA device, from its name; None where unknown (no MFU is shown)."""
+def peak_flops(device, dtype=torch.bfloat16):
+    """(FLOP/s that MFU is measured against, what that figure is), or (None, None) where unknown (no
+    MFU is shown). A GPU: its data sheet's bf16 peak, by its name. A CPU: its own rate for square
+    matrix products in the dtype the matmuls run in (bf16 under autocast, else float32), measured here
+    (matmul_rate): data sheets give no dependable figure for a share of a server's cores."""
+    if device.type == "cpu":
+        rate = matmul_rate(dtype)
+        return rate, f"this CPU's measured {str(dtype)[6:]} matmul rate, {rate / 1e9:,.0f} GFLOP/s"
     if device.type != "cuda":
-        return None
+        return None, None
     name = torch.cuda.get_device_name(device)
     for key, tflops in PEAK_BF16_TFLOPS.items():  # longer names first where they share a prefix
         if key in name:
-            return tflops * 1e12
-    return None
+            return tflops * 1e12, f"the {key}'s bf16 peak, {tflops:,.0f} TFLOP/s"
+    return None, None
+
+
+def matmul_rate(dtype, sizes=(1024, 2048), repeats=3):
+    """The best FLOP/s of square (n x n) @ (n x n) products in `dtype` on this CPU, with the threads
+    torch uses: the most a training step's matrix products could reach (2 n^3 FLOPs each; the first
+    product of each size, which warms the kernels up, is not counted). About 0.2 s on 2 cores."""
+    import time
+
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        torch.mm(a, b)
+        for _ in range(repeats):
+            started = time.perf_counter()
+            torch.mm(a, b)
+            best = max(best, 2 * n**3 / (time.perf_counter() - started))
+    return best
 
 
 def memory_in_use(device):
@@ -184,7 +207,8 @@ class Monitor:
 
     def __init__(self, config, run, tokenizer, *, flops_per_token, train_bytes_per_token):
         self.config, self.run, self.tokenizer = config, run, tokenizer
-        self.flops_per_token, self.peak = flops_per_token, peak_flops(run.device)
+        self.flops_per_token = flops_per_token
+        self.peak, self.peak_basis = peak_flops(run.device, run.autocast_dtype or torch.float32)
         self.train_bytes_per_token = train_bytes_per_token  # of the training split, from its manifest
         self.metrics = MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"))
         self.plots = os.path.join(config.out_dir, "plots.png")
@@ -208,7 +232,8 @@ class Monitor:
         logger.info(f"device {run.device}, {run.world_size} process(es), autocast "
                     f"{run.autocast_dtype or 'off (float32)'}, compile {compiled}; {config.tokens_per_step:,} tokens "
                     f"per step = {run.world_size} x {run.accumulation} micro-batch(es) x {config.batch_size} x "
-                    f"{c.block_size}; {self.flops_per_token / 1e6:.1f} MFLOP per token")
+                    f"{c.block_size}; {self.flops_per_token / 1e6:.1f} MFLOP per token"
+                    + (f"; MFU against {self.peak_basis}" if self.peak else ""))
         logger.info(f"tokenizer {self.tokenizer.name}: {self.tokenizer.n_vocab:,} ids; run directory {config.out_dir}")
         if checkpoint:
             logger.info(f"resuming from {checkpoint} at step {start_step}")
@@ -230,8 +255,8 @@ class Monitor:
                     + f" | {memory_label} {memory:.2f} GiB | ETA {eta / 60:.1f} min")
         bits_per_byte = loss / math.log(2) / self.train_bytes_per_token  # at the split's mean bytes per token
         self.metrics.append({"step": step, "loss": loss, "bits_per_byte": bits_per_byte, "lr": lr, "grad_norm": norm,
-                             "ms": elapsed * 1000, "tokens_per_s": tokens_per_s, "mfu": mfu, "memory": memory_label,
-                             "memory_gib": memory})
+                             "ms": elapsed * 1000, "tokens_per_s": tokens_per_s, "mfu": mfu, "mfu_of": self.peak_basis,
+                             "memory": memory_label, "memory_gib": memory})
 
     def skipped_update_or_stop(self, step, bad_steps, loss, norm):
         """Warns of a skipped update; the run stops at --max-bad-steps of them in a row."""
