@@ -53,7 +53,7 @@ class TrainConfig:
     data: str = "data/sample_en_bpe16384"  # dataset directory written by gpt_dataset.py
     out_dir: str | None = None  # run directory for checkpoints, logs and plots; default runs/<preset>
     preset: str = "mini"  # model size: tiny, mini, small, gpt2, gpt2-medium, gpt2-large, gpt2-xl
-    arch: str = "gpt2"  # the block: gpt2 (2019), qwen3 (rotary, RMSNorm, query/key norms, SwiGLU) or llama
+    arch: str = "gpt2"  # the block: gpt2 (2019); qwen3 (rotary, RMSNorm, query/key norms, SwiGLU), llama, arcee
     n_layer: int | None = None  # override the preset's number of blocks
     n_head: int | None = None  # override the preset's attention heads
     n_embd: int | None = None  # override the preset's width

@@ -104,6 +104,7 @@ ARCHITECTURES = {
     "gpt2": dict(norm="layernorm", norm_eps=1e-5, positions="learned", qk_norm=False, mlp="gelu", bias=True),
     "qwen3": dict(norm="rmsnorm", norm_eps=1e-6, positions="rotary", qk_norm=True, mlp="swiglu", bias=False),
     "llama": dict(norm="rmsnorm", norm_eps=1e-6, positions="rotary", qk_norm=False, mlp="swiglu", bias=False),
+    "arcee": dict(norm="rmsnorm", norm_eps=1e-5, positions="rotary", qk_norm=False, mlp="relu2", bias=False),
 }
 
 # Sizes of the four GPT-2 releases, plus small models that train on a laptop CPU.

@@ -41,7 +41,7 @@ def best_rate(generate, new_tokens, trials, device):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", default="small,gpt2")
-    parser.add_argument("--archs", default="gpt2,qwen3", help="comma-separated blocks: gpt2, qwen3, llama")
+    parser.add_argument("--archs", default="gpt2,qwen3", help="comma-separated blocks: gpt2, qwen3, llama, arcee")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--device", default="cpu")

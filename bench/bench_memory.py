@@ -96,7 +96,7 @@ def measure(args, mode, processes, ac):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="small")
-    parser.add_argument("--arch", default="gpt2", help="the block: gpt2, qwen3 or llama")
+    parser.add_argument("--arch", default="gpt2", help="the block: gpt2, qwen3, llama or arcee")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--block-size", type=int, default=512)

@@ -74,7 +74,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     parser.add_argument("--preset", help="one preset instead of the CPU table's cases")
-    parser.add_argument("--archs", default="gpt2,qwen3", help="comma-separated blocks: gpt2, qwen3, llama")
+    parser.add_argument("--archs", default="gpt2,qwen3", help="comma-separated blocks: gpt2, qwen3, llama, arcee")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=1024)
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16")

@@ -386,6 +386,7 @@ SHAPES = [  # (family, our config fields): heads as GPT-2's, grouped keys/values
     ("qwen3", dict(n_head=4, n_kv_head=2, head_dim=24, tie_embeddings=False)),
     ("qwen3", dict(n_head=6, n_kv_head=1, head_dim=8, mlp_hidden=80, rope_theta=500.0, tie_embeddings=False)),
     ("llama", dict(n_head=4, n_kv_head=2, tie_embeddings=False)),
+    ("arcee", dict(n_head=4, n_kv_head=2, head_dim=12, tie_embeddings=True)),
 ]
 
 
@@ -395,7 +396,8 @@ def hf_twin(family, fields, seed=0):
     transformers = pytest.importorskip("transformers")
     config = GPTConfig(**{**TINY, **ARCHITECTURES[family], **fields, "block_size": 48, "vocab_size": 1000,
                           "padded_vocab_size": 1024, "eot_token": 999})
-    hf_class = transformers.Qwen3ForCausalLM if family == "qwen3" else transformers.LlamaForCausalLM
+    hf_class = {"qwen3": transformers.Qwen3ForCausalLM, "llama": transformers.LlamaForCausalLM,
+                "arcee": transformers.ArceeForCausalLM}[family]
     hf_config = hf_class.config_class(**{k: v for k, v in convert.hf_config_dict(config).items()
                                          if k not in ("architectures", "model_type", "rope_scaling")})
     torch.manual_seed(seed)
@@ -428,7 +430,7 @@ def test_transformers_loads_today_s_block_with_equal_logits(family, fields, tmp_
     ours = tiny_model(seed=5, **{**ARCHITECTURES[family], **fields})
     ours.save_pretrained(tmp_path)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert type(theirs).__name__ == {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}[family]
+    assert type(theirs).__name__ == convert.CLASS_NAMES[family]
     idx = torch.randint(0, 50257, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(theirs(idx).logits, ours(idx)[0][..., :50257], rtol=1e-5, atol=1e-5)

@@ -1,5 +1,5 @@
 """Hugging Face's layouts, both ways: config.json and model.safetensors (plus the generation_config.json
-that pipeline() samples with) of GPT-2, Qwen3 and Llama.
+that pipeline() samples with) of GPT-2, Qwen3, Llama and Arcee.
 
 Used by transformer.py, whose GPT.save_pretrained and GPT.from_pretrained hand their work to this
 module, so that the model file holds the model alone. The model's module names follow GPT-2's
@@ -7,8 +7,9 @@ checkpoints (`transformer.h.0.attn.c_attn`, ...) whatever its pieces; here they 
 the stock class that computes the same (family_of):
     gpt2   GPT2LMHeadModel: the same names; projection weights transposed, as GPT-2 stores them as
            Conv1D, (in, out), where nn.Linear keeps (out, in)
-    qwen3  Qwen3ForCausalLM, and llama (LlamaForCausalLM, without the query/key norms): `model.layers.N`,
-           c_attn split into q_proj, k_proj and v_proj, the gated MLP's c_fc into gate_proj and up_proj
+    qwen3  Qwen3ForCausalLM, llama (LlamaForCausalLM: no query/key norms) and arcee (ArceeForCausalLM:
+           Llama with a ReLU^2 MLP): `model.layers.N`, c_attn split into q_proj, k_proj and v_proj, the
+           gated MLP's c_fc into gate_proj and up_proj (a plain one's is up_proj)
     wikigpt  any other mix of pieces (a measurement: GPT-2 with rotary positions, say), which no stock
            class runs: our own names, and a config.json that only this code reads
 The vocabulary is stored with its real rows only; the model pads it to a multiple of 64.
@@ -41,8 +42,11 @@ FAMILIES = {
     "gpt2": dict(norm="layernorm", positions="learned", qk_norm=False, mlp="gelu", bias=True, tie_embeddings=True),
     "qwen3": dict(norm="rmsnorm", positions="rotary", qk_norm=True, mlp="swiglu", bias=False),
     "llama": dict(norm="rmsnorm", positions="rotary", qk_norm=False, mlp="swiglu", bias=False),
+    "arcee": dict(norm="rmsnorm", positions="rotary", qk_norm=False, mlp="relu2", bias=False),
 }
-CLASS_NAMES = {"gpt2": "GPT2LMHeadModel", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+CLASS_NAMES = {"gpt2": "GPT2LMHeadModel", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
+               "arcee": "ArceeForCausalLM"}
+LLAMA_LIKE = ("qwen3", "llama", "arcee")  # the families of model.layers.N
 
 
 def family_of(config):
@@ -74,7 +78,8 @@ def hf_config_dict(config):
                 "attn_pdrop": config.dropout, "initializer_range": 0.02, "scale_attn_weights": True}
     return {**common, "hidden_size": config.n_embd, "intermediate_size": config.mlp_hidden,
             "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
-            "num_key_value_heads": config.n_kv_head, "head_dim": config.head_dim, "hidden_act": "silu",
+            "num_key_value_heads": config.n_kv_head, "head_dim": config.head_dim,
+            "hidden_act": "relu2" if config.mlp == "relu2" else "silu",
             "max_position_embeddings": config.block_size, "rms_norm_eps": config.norm_eps,
             "rope_theta": config.rope_theta, "rope_scaling": None,  # as transformers 4 and llama.cpp read it
             "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},  # as transformers 5 does
@@ -95,7 +100,7 @@ def to_hf(state_dict, config):
             tensor = tensor[:V]  # padding rows are no tokens
         if family == "gpt2" and name.endswith(CONV1D_WEIGHTS):
             tensor = tensor.t()  # nn.Linear (out, in) -> GPT-2 Conv1D (in, out)
-        if family in ("qwen3", "llama"):
+        if family in LLAMA_LIKE:
             for hf_name, part in llama_names(name, tensor, config):
                 out[hf_name] = part
         else:
@@ -111,6 +116,8 @@ def llama_names(name, tensor, config):
         return [(top[name], tensor)]
     _, _, layer, inner = name.split(".", 3)  # transformer.h.N.<inner>
     prefix = f"model.layers.{layer}."
+    if inner == "mlp.c_fc.weight" and config.mlp != "swiglu":
+        return [(prefix + "mlp.up_proj.weight", tensor)]  # a plain MLP: one matrix up
     if inner in LLAMA_SPLITS:
         sizes = (config.n_head * config.head_dim, *[config.n_kv_head * config.head_dim] * 2)
         parts = tensor.split(sizes) if inner.startswith("attn") else tensor.chunk(2)
@@ -172,7 +179,7 @@ def read_config(directory, config_class, **overrides):
     None win."""
     hf = read_json(os.path.join(directory, "config.json"))
     family = hf.get("model_type")
-    readers = {"gpt2": gpt2_fields, "qwen3": llama_fields, "llama": llama_fields, "wikigpt": lambda hf: hf["wikigpt_config"]}
+    readers = {"gpt2": gpt2_fields, **{f: llama_fields for f in LLAMA_LIKE}, "wikigpt": lambda hf: hf["wikigpt_config"]}
     if family not in readers:
         raise CheckpointError(f"config.json describes a {family!r} model; this code runs {', '.join(readers)}")
     try:
@@ -208,8 +215,9 @@ def gpt2_fields(hf):
 
 
 def llama_fields(hf):
-    """Our fields of a Qwen3 or Llama config.json."""
-    refuse_unsupported(hf, {"hidden_act": ("silu",), "attention_bias": (False,), "mlp_bias": (False,),
+    """Our fields of a Qwen3, Llama or Arcee config.json."""
+    activation = "relu2" if hf["model_type"] == "arcee" else "silu"
+    refuse_unsupported(hf, {"hidden_act": (activation,), "attention_bias": (False,), "mlp_bias": (False,),
                             "use_sliding_window": (False,), "rope_scaling": (None,), "pretraining_tp": (1,)})
     rope = hf.get("rope_parameters") or {"rope_type": "default", "rope_theta": hf.get("rope_theta", 10000.0)}
     if rope.get("rope_type", "default") != "default":
@@ -303,7 +311,7 @@ def state_dict_from_hf(tensors, model):
     for name, like in expected.items():
         if name == "lm_head.weight" and config.tie_embeddings:
             continue
-        if family in ("qwen3", "llama"):  # split matrices are joined again
+        if family in LLAMA_LIKE:  # split matrices are joined again
             tensor = torch.cat([tensors[hf_name] for hf_name, _ in llama_names(name, like, config)])
         else:
             tensor = tensors[name]

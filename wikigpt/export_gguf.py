@@ -7,8 +7,8 @@
 A GGUF file holds the architecture's hyperparameters, the tokenizer (each id's bytes, the merges and
 the pre-tokenization, by the name llama.cpp knows it under) and the tensors under llama.cpp's names.
 It is written with the `gguf` package, llama.cpp's own writer, from a model that infer.py loaded, so
-both blocks export: GPT-2's as llama.cpp's "gpt2", today's as "qwen3" (or "llama" without the
-query/key norms). The tokenizer's pre-tokenization must be one that
+both blocks export: GPT-2's as llama.cpp's "gpt2", today's as "qwen3" (or "llama" and "arcee", whose
+rotary pairs llama.cpp interleaves, as its own converter does). The tokenizer's pre-tokenization must be one that
 llama.cpp implements: GPT-2's BPE is "gpt-2", a BPE trained by gpt_dataset.py is "llama-bpe" (Llama
 3's pattern, wikigpt/tokenizer.py); a BPE trained on the pattern used before is refused, since
 llama.cpp would cut its text elsewhere. bench/bench_gguf.py checks the result in llama.cpp itself:
@@ -75,10 +75,10 @@ def gguf_tensors(state_dict, config):
         prefix = f"blk.{layer}."
         if family != "gpt2" and module == "attn.c_attn":  # separate q, k, v
             q, k, v = tensor.split([config.n_head * config.head_dim] + [config.n_kv_head * config.head_dim] * 2)
-            if family == "llama":  # llama.cpp's Llama rotates interleaved pairs, Llama's files rotate halves
+            if family != "qwen3":  # llama.cpp's Llama and Arcee rotate interleaved pairs, their files halves
                 q, k = rotate_pairs(q, config.n_head), rotate_pairs(k, config.n_kv_head)
             out.update({prefix + f"attn_{n}.{kind}": t for n, t in zip("qkv", (q, k, v))})
-        elif family != "gpt2" and module == "mlp.c_fc":  # the gated MLP: gate, then up
+        elif family != "gpt2" and module == "mlp.c_fc" and config.mlp == "swiglu":  # the gated MLP: gate, then up
             gate, up = tensor.chunk(2)
             out.update({prefix + f"ffn_gate.{kind}": gate, prefix + f"ffn_up.{kind}": up})
         else:
@@ -97,7 +97,7 @@ def check_exportable(config, directory):
     """Refuses, before anything is written, a model that no llama.cpp architecture computes."""
     if family_of(config) == "wikigpt":
         raise UsageError(f"{directory} mixes pieces that no llama.cpp architecture computes (a measurement); "
-                         "train with --arch gpt2, qwen3 or llama to export to GGUF")
+                         "train with --arch gpt2, qwen3, llama or arcee to export to GGUF")
 
 
 def write_gguf(state_dict, config, directory, out_path, outtype="f32"):
