@@ -11,8 +11,8 @@ JSON and safetensors only, so a downloaded checkpoint cannot run code on this ma
 
 Checkpoints are found as wikigpt/checkpoint.py describes their layout, and loaded by
 transformer.GPT.from_pretrained, the one loading path that training (--resume, --init-from) uses too.
---export-gguf writes the loaded model as a GGUF file for llama.cpp instead (wikigpt/export_gguf.py).
-The generated ids become text in wikigpt/generation.py, which the trainer's samples share.
+The generated ids become text in wikigpt/generation.py, which the trainer's samples share;
+--quantize int8 is wikigpt/quantize.py, --export-gguf wikigpt/export_gguf.py.
 """
 
 import glob
@@ -76,9 +76,11 @@ def resolve_checkpoint(checkpoint, runs_dir):
     return checkpoint, f"using {checkpoint} from the Hugging Face hub"
 
 
-def load_model(path_or_name, device, dtype=torch.float32):
-    """A model ready for inference: weights from safetensors, config from JSON, checked before use."""
-    return GPT.from_pretrained(path_or_name).to(device=device, dtype=dtype).eval()
+def load_model(path_or_name, device, dtype=torch.float32, quantize="none"):
+    """A model ready for inference: weights from safetensors, config from JSON, checked before use;
+    with quantize="int8", its linear layers' weights in int8 (wikigpt/quantize.py)."""
+    model = GPT.from_pretrained(path_or_name).to(device=device, dtype=dtype).eval()
+    return quantize_int8(model) if quantize == "int8" else model
 
 
 def load_tokenizer(directory):
@@ -105,10 +107,9 @@ def check_settings(config):
     if config.max_new_tokens < 1 or config.num_samples < 1:
         raise UsageError("--max-new-tokens and --num-samples must be at least 1")
     check_dtype_name(config.dtype)
-    if config.quantize not in ("none", "int8"):
-        raise UsageError(f"--quantize must be none or int8, got {config.quantize!r}")
-    if config.gguf_type not in OUT_TYPES:
-        raise UsageError(f"--gguf-type must be one of {', '.join(OUT_TYPES)}, got {config.gguf_type!r}")
+    if config.quantize not in ("none", "int8") or config.gguf_type not in OUT_TYPES:
+        raise UsageError(f"--quantize must be none or int8, got {config.quantize!r}; --gguf-type must be one of "
+                         f"{', '.join(OUT_TYPES)}, got {config.gguf_type!r}")
     try:
         check_sampling(config.temperature, config.top_k, config.top_p)
     except ValueError as e:
@@ -129,17 +130,14 @@ def main(argv=None):
         write_gguf(model.state_dict(), model.config, directory, config.export_gguf, config.gguf_type)
         print(f"wrote {config.export_gguf}", file=sys.stderr)
         return
-    model = load_model(directory, device, dtype)
-    if config.quantize == "int8":
-        quantize_int8(model)
+    model = load_model(directory, device, dtype, config.quantize)
     prompt_ids, cut = encode_prompt(tokenizer, config.input, model.config.block_size)
     if cut:
         print(f"the prompt is longer than the model's context of {model.config.block_size} tokens: "
               f"using its last {len(prompt_ids)} tokens", file=sys.stderr)
 
     def show(piece):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+        print(piece, end="", flush=True)
 
     for i in range(config.num_samples):
         if config.num_samples > 1:

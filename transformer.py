@@ -98,8 +98,7 @@ class GPTConfig:
         return convert.read_config(convert.model_directory(path_or_name), cls, **overrides)
 
 
-# The pieces of each architecture, named after the Hugging Face family whose stock class computes the
-# same (checkpoints are saved as its files). Heads stay tied unless tie_embeddings=False (docs/benchmarks.md).
+# The pieces of each --arch, named after the Hugging Face class that computes the same (checkpoints load as it).
 ARCHITECTURES = {
     "gpt2": dict(norm="layernorm", norm_eps=1e-5, positions="learned", qk_norm=False, mlp="gelu", bias=True),
     "qwen3": dict(norm="rmsnorm", norm_eps=1e-6, positions="rotary", qk_norm=True, mlp="swiglu", bias=False),
