@@ -24,7 +24,7 @@ exits.
 
 What to expect: the defaults (the `mini` preset on the English sample with its own BPE of 16,384
 ids, 2,750 steps of 2,048 tokens, Muon and a warmup-stable-decay schedule) take 8 minutes on 2 cores
-of an AVX512-BF16 CPU and reach 1.407 bits per byte over the whole validation split. How those
+of an AVX512-BF16 CPU and reach 1.411 bits per byte over the whole validation split. How those
 defaults were chosen, and measured speeds of the training step, are in docs/benchmarks.md.
 """
 

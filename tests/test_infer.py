@@ -186,7 +186,8 @@ def test_a_config_far_larger_than_its_weights_is_refused_before_allocating(sampl
     assert trained.returncode == 0, trained.stderr[-2000:]
     checkpoint = run / "ckpt_0000001"
     config = json.loads((checkpoint / "config.json").read_text())
-    config.update(n_layer=200, n_embd=8192, n_head=64)
+    config.update(n_layer=200, n_embd=8192, n_head=64, num_hidden_layers=200, hidden_size=8192, num_attention_heads=64,
+                  head_dim=128)  # GPT-2's keys and Qwen3's, whichever block the default trains
     (checkpoint / "config.json").write_text(json.dumps(config))
     commands = [("infer.py", ["--checkpoint", str(checkpoint), "--input", "x"]),
                 ("gpt_train.py", ["--data", sample_dir, "--out-dir", str(tmp_path / "new"), "--init-from",

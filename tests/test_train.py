@@ -131,7 +131,7 @@ def test_end_to_end_run_learns_logs_plots_and_saves_loadable_checkpoints(sample_
         "config.json", "generation_config.json", "merges.txt", "model.safetensors", "optimizer.safetensors",
         "rng.safetensors", "special_tokens_map.json", "tokenizer_config.json", "trainer_state.json", "vocab.json"]
     transformers = pytest.importorskip("transformers")
-    hf = transformers.GPT2LMHeadModel.from_pretrained(run / "ckpt_0000040").eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(run / "ckpt_0000040").eval()
     ours = GPT.from_pretrained(str(run / "ckpt_0000040")).eval()
     idx = torch.randint(0, 50257, (1, 16))
     with torch.no_grad():
@@ -488,7 +488,7 @@ def test_init_from_a_qwen3_directory_takes_its_shape_and_saves_that_class(sample
     (["--lr", "1e-3"], "--lr 0.003 -> 0.001"),
     (["--batch-size", "8"], "--batch-size 4 -> 8"),
     (["--schedule", "cosine"], "--schedule wsd -> cosine"),
-    (["--arch", "qwen3"], "--arch gpt2 -> qwen3"),
+    (["--arch", "llama"], "-> llama differ(s)"),
     (["--data", "OTHER"], "holds other shards than the run was trained on"),
 ])
 def test_resume_refuses_settings_that_make_another_run(sample_dir, reference_run, tmp_path, change, message):
