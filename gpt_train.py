@@ -105,7 +105,6 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block's activations in the backward: less memory, more compute
 
 
-
 # ---- Pure functions of the schedule ----
 
 
@@ -155,7 +154,6 @@ def make_optimizers(model, *, name, lr, weight_decay, betas, device_type):
         optimizers.append(torch.optim.Muon(hidden, lr=lr, weight_decay=weight_decay, momentum=0.95,
                                            adjust_lr_fn="match_rms_adamw"))
     return optimizers
-
 
 
 # ---- Settings that follow from the flags ----

@@ -20,7 +20,7 @@ gguf = pytest.importorskip("gguf")
 def checkpoints(sample_dir, bpe_sample_dir, tmp_path_factory):
     """GPT-2's block on GPT-2's BPE; today's, untied, on a trained BPE."""
     root = tmp_path_factory.mktemp("runs")
-    return {"gpt2": checkpoint_of_two_steps(sample_dir, root / "gpt2", "--sample-tokens", "0"),
+    return {"gpt2": checkpoint_of_two_steps(sample_dir, root / "gpt2", "--sample-tokens", "0", "--arch", "gpt2"),
             "qwen3": checkpoint_of_two_steps(bpe_sample_dir, root / "qwen3", "--sample-tokens", "0", "--arch", "qwen3",
                                              "--no-tie-embeddings", "--n-kv-head", "1")}
 
@@ -96,7 +96,8 @@ def test_what_llama_cpp_cannot_run_is_refused_and_nothing_written(checkpoints, s
     split = next(p for p in spec["pre_tokenizer"]["pretokenizers"] if p["type"] == "Split")
     split["pattern"]["Regex"] = r"""'s|'t|'re|'ve|'m|'ll|'d| ?[\p{L}\p{M}]+| ?\p{N}{1,3}| ?[^\s\p{L}\p{M}\p{N}]+|\s+(?!\S)|\s+"""
     (old / "tokenizer.json").write_text(json.dumps(spec))
-    mixed = checkpoint_of_two_steps(sample_dir, tmp_path / "mixed", "--sample-tokens", "0", "--positions", "rotary")
+    mixed = checkpoint_of_two_steps(sample_dir, tmp_path / "mixed", "--sample-tokens", "0", "--arch", "gpt2",
+                                    "--positions", "rotary")
     for checkpoint, message in [(str(old), "pattern that llama.cpp does not implement"),
                                 (mixed, "mixes pieces that no llama.cpp architecture computes")]:
         result = run_script("infer.py", ["--checkpoint", checkpoint, "--export-gguf", str(tmp_path / "x.gguf")])

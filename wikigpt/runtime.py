@@ -93,9 +93,9 @@ def inference_weight_dtype(requested, device):
 def faster_matvec_dtype(rows=8192, columns=2048, repeats=5):
     """float32 or bfloat16: whichever multiplies a vector by a rows x columns matrix faster on this CPU
     (64 MB in float32, more than its caches hold, as a model's weights are), best of `repeats`."""
-    best = {}
+    best, generator = {}, torch.Generator().manual_seed(0)  # its own: sampling's RNG is left as it was
     for dtype in (torch.float32, torch.bfloat16):
-        matrix, vector = torch.randn(rows, columns).to(dtype), torch.randn(1, columns).to(dtype)
+        matrix, vector = (torch.randn(n, columns, generator=generator).to(dtype) for n in (rows, 1))
         times = []
         for _ in range(repeats + 1):  # the first call warms the kernel up
             started = time.perf_counter()
