@@ -41,6 +41,7 @@ from wikigpt import convert
 from wikigpt.checkpoint import TrainingState, gather_rng_states, prune_checkpoints, restore_checkpoint, save_checkpoint
 from wikigpt.cli import CheckpointError, UsageError, flag, parse_config, run_cli
 from wikigpt.monitor import TRACKERS, Monitor, import_tracker, start_console_log
+from wikigpt.muon import Muon
 from wikigpt.runs import checkpoint_to_resume, choose_run_dir, prepare_run_dir, recorded_setting
 from wikigpt.runtime import (Runtime, StopSignal, check_dtype_name, join_process_group, leave_process_group,
                              process_device, reuse_freed_memory, torchrun_ranks, training_autocast_dtype,
@@ -128,7 +129,7 @@ def lr_at(step, *, max_lr, min_lr, warmup_steps, max_steps, schedule="cosine", c
 # ---- Optimizers ----
 
 
-def make_optimizers(model, *, name, lr, weight_decay, betas, device_type):
+def make_optimizers(model, *, name, lr, weight_decay, betas, device_type, matmul_dtype=torch.bfloat16):
     """The optimizers of a run, as a list: AdamW for every parameter, or with name "muon", Muon for
     the 2-D weights inside the blocks and AdamW for the rest.
 
@@ -136,13 +137,11 @@ def make_optimizers(model, *, name, lr, weight_decay, betas, device_type):
     iterations, so that an update moves every direction of the matrix alike instead of a few
     dominant ones. It suits hidden matrices only: the embedding (also the head, as they are tied)
     and the vectors stay with AdamW. adjust_lr_fn="match_rms_adamw" scales Muon's step to AdamW's
-    typical size, so that one --lr and schedule serve both.
-
-    Weight decay applies to matrices only, not to biases and LayerNorm gains, which set scales and
-    offsets rather than store features. AdamW uses its fused kernel on CUDA and CPU: one pass over
-    each tensor instead of a dozen elementwise ops (on a 2-core CPU the step takes 11 ms instead of
-    99 ms for the `small` preset).
-    """
+    typical size, so that one --lr and schedule serve both. Its iteration runs in bf16 unless the run's
+    matrix products (matmul_dtype) are float32: a CPU without bf16 instructions (wikigpt/muon.py).
+    Weight decay applies to matrices only, not to biases and norm gains, which set scales and offsets
+    rather than store features. AdamW uses its fused kernel on CUDA and CPU: one pass over each
+    tensor instead of a dozen elementwise ops (11 ms instead of 99 for `small` on 2 cores)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     hidden = [p for n, p in named if name == "muon" and p.dim() == 2 and n.startswith("transformer.h.")]
     hidden_ids = {id(p) for p in hidden}
@@ -151,8 +150,8 @@ def make_optimizers(model, *, name, lr, weight_decay, betas, device_type):
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     optimizers = [torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ("cuda", "cpu"))]
     if hidden:
-        optimizers.append(torch.optim.Muon(hidden, lr=lr, weight_decay=weight_decay, momentum=0.95,
-                                           adjust_lr_fn="match_rms_adamw"))
+        optimizers.append(Muon(hidden, lr=lr, weight_decay=weight_decay, momentum=0.95, adjust_lr_fn="match_rms_adamw",
+                               ns_dtype=torch.float32 if matmul_dtype == torch.float32 else torch.bfloat16))
     return optimizers
 
 
@@ -346,7 +345,8 @@ def set_up(config):
     train_model, eval_model = wrap_for_training(model, run, compiled=compiled,
                                                 activation_checkpointing=config.activation_checkpointing)
     optimizers = make_optimizers(model, name=config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
-                                 betas=(config.beta1, config.beta2), device_type=device.type)
+                                 betas=(config.beta1, config.beta2), device_type=device.type,
+                                 matmul_dtype=run.autocast_dtype or torch.float32)
     state = TrainingState(model, optimizers, torch.amp.GradScaler("cuda", enabled=run.autocast_dtype == torch.float16),
                           TokenWindows(train_shards, T, B, seed=config.seed, rank=rank, world_size=world_size),
                           settings=asdict(config), data_shards=data_shards, tokenizer=tokenizer_spec,

@@ -16,10 +16,9 @@ The file reads top to bottom as the model is explained:
     MLP / GatedMLP, Block              the rest of a transformer block
     GPT                                embeddings, blocks, head and loss; generation; FLOP count
 
-Machinery lives in the package: the CPU trainer's head and loss in one pass (wikigpt/fused_loss.py,
-switched on by GPT.fused_loss), the sampling filters (wikigpt/generation.py) and the mapping to
-Hugging Face's files (wikigpt/convert.py): module names follow GPT-2's (`transformer.h.0.attn.c_attn`)
-for every architecture, and become Qwen3's or Llama's (`model.layers.0.self_attn.q_proj`) there.
+Machinery lives in the package: the CPU trainer's head and loss in one pass (wikigpt/fused_loss.py),
+sampling filters (wikigpt/generation.py), the mapping to Hugging Face's files (wikigpt/convert.py:
+GPT-2's module names, `h.0.attn.c_attn`, become Qwen3's or Llama's, `layers.0.self_attn.q_proj`).
 
 Notation in shape comments:
     B  batch size            T  sequence length (tokens in this call)
@@ -56,7 +55,8 @@ class GPTConfig:
     head_dim: int | None = None  # hs, the width of each head; None: n_embd // n_head
     mlp_hidden: int | None = None  # the MLP's inner width; None: 4 C, or for the gated MLP as many parameters
     dropout: float = 0.0  # on embeddings, attention weights and residual branches; 0 for pretraining
-    attention: str = "sdpa"  # "sdpa" (fused kernel, flash attention on CUDA) or "manual" (explicit softmax)
+    attention: str = "auto"  # "sdpa" (fused kernel, flash attention on CUDA), "manual" (explicit softmax), or
+    # "auto": whichever is faster for the device and context (explicit_is_faster); all compute the same
     # The pieces in which today's block differs from GPT-2's (ARCHITECTURES names the usual sets):
     norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (scale only, no centring)
     norm_eps: float = 1e-5  # added to the variance inside every norm
@@ -68,8 +68,8 @@ class GPTConfig:
     tie_embeddings: bool = True  # the head reuses the token embedding's weight
 
     def __post_init__(self):
-        choices = dict(attention=("sdpa", "manual"), norm=("layernorm", "rmsnorm"), positions=("learned", "rotary"),
-                       mlp=("gelu", "relu2", "swiglu"))
+        choices = dict(attention=("auto", "sdpa", "manual"), norm=("layernorm", "rmsnorm"),
+                       positions=("learned", "rotary"), mlp=("gelu", "relu2", "swiglu"))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -262,14 +262,28 @@ def document_mask(idx, eot_token):
     return (same_article & causal_mask(T, 0, idx.device))[:, None]  # (B, 1, T, T), one mask for all heads
 
 
-def fused_attention(q, k, v, past, mask, dropout_p):
-    """F.scaled_dot_product_attention with the mask it needs: none without cached keys (the kernel's own
-    causal triangle, the fastest) or for one new query; the causal mask shifted by `past` for a chunk."""
-    if mask is None and past == 0:
+def attend(q, k, v, past, mask, dropout_p, explicit):
+    """softmax(q k^T / sqrt(hs)) v: each of the (B, nh, T, hs) queries takes the weighted sum of the values
+    of the (B, nh, past + T, hs) keys it may see (causal, or `mask`): as the paper writes it (explicit),
+    or in PyTorch's fused kernel (flash attention on CUDA), which computes the same."""
+    if explicit:
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, past + T)
+        allowed = causal_mask(q.size(2), past, q.device) if mask is None else mask
+        scores = scores.masked_fill(~allowed, float("-inf"))  # no query sees a later key
+        weights = F.dropout(F.softmax(scores.float(), dim=-1).to(q.dtype), dropout_p)  # each row sums to 1
+        return weights @ v  # (B, nh, T, hs)
+    if mask is None and past == 0:  # no cached keys: the kernel's own causal triangle, the fastest
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
-    if mask is None and q.size(2) > 1:
+    if mask is None and q.size(2) > 1:  # a chunk after cached keys: the causal mask shifted by `past`
         mask = causal_mask(q.size(2), past, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def explicit_is_faster(q, keys, max_keys=128):
+    """attention="auto": the explicit path in bf16 on a CPU up to max_keys keys, where the fused kernel's
+    small blocks leave the matrix units idle (2 cores of a Sapphire Rapids: the quickstart's step 18%
+    faster); the fused kernel wherever else it wins, float32 and CUDA (bench/bench_attention.py)."""
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and keys <= max_keys
 
 
 def shared_heads(x, groups):
@@ -290,7 +304,6 @@ class CausalSelfAttention(nn.Module):
         # before the dot product, so that no score can grow without bound and saturate the softmax.
         self.q_norm = RMSNorm(config, config.head_dim) if config.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(config, config.head_dim) if config.qk_norm else nn.Identity()
-        self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rotate, cache=None, layer=0, mask=None):
@@ -312,15 +325,8 @@ class CausalSelfAttention(nn.Module):
             v = cache.values[layer, :, :, : past + T]  # (B, nkv, past + T, hs)
         k, v = shared_heads(k, nh // nkv), shared_heads(v, nh // nkv)  # (B, nh, past + T, hs)
 
-        if self.attention == "manual":  # the attention of the paper, written out
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, past + T)
-            allowed = causal_mask(T, past, x.device) if mask is None else mask
-            scores = scores.masked_fill(~allowed, float("-inf"))  # no query sees a later key
-            weights = self.attn_dropout(F.softmax(scores.float(), dim=-1).to(q.dtype))  # each row sums to 1
-            y = weights @ v  # (B, nh, T, hs): for each query, the weighted sum of the values
-        else:  # the same in one fused kernel (flash attention on CUDA)
-            y = fused_attention(q, k, v, past, mask, self.dropout if self.training else 0.0)
-
+        explicit = self.attention == "manual" or (self.attention == "auto" and explicit_is_faster(q, past + T))
+        y = attend(q, k, v, past, mask, self.dropout if self.training else 0.0, explicit)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # (B, T, nh hs): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -477,18 +483,14 @@ class GPT(nn.Module):
 
     def num_params(self, embeddings=True):
         """Parameter count; a tied head is counted once. embeddings=False drops wte and wpe."""
-        n = sum(p.numel() for p in self.parameters())
-        if not embeddings:
-            n -= self.transformer.wte.weight.numel() + sum(p.numel() for p in self.transformer.wpe.parameters())
-        return n
+        dropped = self.transformer.wte.weight.numel() + sum(p.numel() for p in self.transformer.wpe.parameters())
+        return sum(p.numel() for p in self.parameters()) - (0 if embeddings else dropped)
 
     def flops_per_token(self, seq_len):
         """Training FLOPs per token: 6 N + 12 L T (nh hs) (forward plus backward, which costs twice forward).
-
         N counts every weight used in a matmul: all but the position table and, with an untied head, the
         token embedding (a lookup). 6 N is 2 FLOPs per multiply-add times three passes; 12 L T (nh hs)
-        adds the attention scores and weighted sums (PaLM, Chowdhery et al. 2022, appendix B).
-        """
+        adds the attention scores and weighted sums (PaLM, Chowdhery et al. 2022, appendix B)."""
         n = self.num_params() - sum(p.numel() for p in self.transformer.wpe.parameters())
         if not self.config.tie_embeddings:
             n -= self.transformer.wte.weight.numel()
@@ -504,12 +506,10 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_name, **config_overrides):
         """Loads a Hugging Face directory of GPT-2, Qwen3 or Llama, or a hub name such as 'gpt2' or
-        'Qwen/Qwen3-0.6B' (downloads when online).
-
-        Only JSON and safetensors are read, so nothing in the files can run code. The model is built
-        on the meta device (no memory, no initialisation), the safetensors header is checked against
-        its shapes before any tensor is read. `config_overrides` (for example dropout) replace fields.
-        """
+        'Qwen/Qwen3-0.6B' (downloads when online). Only JSON and safetensors are read, so nothing in the
+        files can run code. The model is built on the meta device (no memory, no initialisation), the
+        safetensors header is checked against its shapes before any tensor is read. `config_overrides`
+        (for example dropout) replace fields."""
         directory = convert.model_directory(path_or_name)
         with torch.device("meta"):
             model = cls(GPTConfig.from_pretrained(directory, **config_overrides))

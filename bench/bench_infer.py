@@ -1,11 +1,15 @@
-"""Generated tokens per second at batch 1: infer.py with and without the KV cache, and transformers.
+"""Generated tokens per second at batch 1: infer.py with and without the KV cache, in float32, bf16 and
+weight-only int8, beside transformers, and each against the memory roofline of its weights.
 
     python bench/bench_infer.py [--new-tokens 256] [--presets small,gpt2] [--archs gpt2,qwen3] [--device cpu]
 
 Each preset and block gets random weights (speed does not depend on their values), saved once in the
 Hugging Face layout, then loaded by infer.load_model and by transformers' AutoModelForCausalLM (GPT-2's
-or Qwen3's class), so that all rows run the same weights, in float32 and in bfloat16. Greedy decoding with no early stop, so every row generates exactly
---new-tokens tokens after the same 8-token prompt; the best of --trials runs counts.
+or Qwen3's class), so that all rows run the same weights. Greedy decoding with no early stop, so every
+row generates exactly --new-tokens tokens after the same 8-token prompt; the best of --trials runs
+counts. Decoding one token at batch 1 reads every matrix once, so its speed is bounded by the bytes of
+weights read per token over the rate at which the machine reads memory, measured here as the best of
+five sums over 1 GiB: the roofline column.
 """
 
 import argparse
@@ -21,7 +25,7 @@ import torch  # noqa: E402
 from infer import load_model  # noqa: E402
 from transformer import GPT, config_from_preset  # noqa: E402
 from wikigpt.generation import generate_text  # noqa: E402
-from wikigpt.runtime import pick_device  # noqa: E402
+from wikigpt.runtime import inference_weight_dtype, pick_device  # noqa: E402
 from wikigpt.tokenizer import gpt2_tokenizer  # noqa: E402
 
 
@@ -36,6 +40,34 @@ def best_rate(generate, new_tokens, trials, device):
             torch.cuda.synchronize()
         rates.append(new_tokens / (time.perf_counter() - started))
     return max(rates)
+
+
+def memory_read_rate(device, gib=1, repeats=5):
+    """Bytes per second of summing a float32 tensor of `gib` GiB, best of `repeats`: what one pass over
+    weights that do not fit in any cache can reach."""
+    data = torch.ones(gib * 2**28, device=device)
+    return gib * 2**30 / min(best_time(data.sum, device) for _ in range(repeats))
+
+
+def best_time(function, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    function()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def weight_bytes_per_token(model):
+    """Bytes of weights that one decoding step reads: every tensor of the model once (int8's scales
+    included), where the token embedding is only looked up, one row, unless a tied head reads it all."""
+    tensors = {t.data_ptr(): t for t in model.state_dict().values()}  # a tied pair once; no rotary tables
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    embedding = model.transformer.wte.weight
+    if model.lm_head.weight is not embedding:  # untied, or int8's own copy of a tied head
+        total -= (embedding.size(0) - 1) * embedding.size(1) * embedding.element_size()
+    return total
 
 
 def main():
@@ -53,40 +85,44 @@ def main():
 
     device = pick_device(args.device)
     prompt = [464, 2106, 286, 6342, 318, 257, 1621, 286]  # "The history of Paris is a story of"
+    read_rate = memory_read_rate(device)
+    int8_activations = inference_weight_dtype("auto", device)  # as infer.py --quantize int8 runs
     print(f"device: {device}, {os.cpu_count()} CPU cores, torch {torch.__version__}, transformers "
-          f"{transformers.__version__}; {args.new_tokens} new tokens, batch 1, greedy")
-    print("| preset | block | weights | implementation | tokens/s | vs. float32 no cache |")
-    print("|---|---|---|---|---|---|")
+          f"{transformers.__version__}; {args.new_tokens} new tokens, batch 1, greedy; memory read at "
+          f"{read_rate / 1e9:.1f} GB/s; int8 activations in {str(int8_activations)[6:]}")
+    print("| preset | block | weights | implementation | tokens/s | MB read a token | roofline tokens/s | "
+          "of roofline | vs. float32 no cache |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for preset, arch in [(p, a) for p in args.presets.split(",") for a in args.archs.split(",")]:
         with tempfile.TemporaryDirectory() as directory:
             torch.manual_seed(0)
             # A 1024-token context for every preset, so that prompt plus new tokens fit without sliding.
             GPT(config_from_preset(preset, arch, block_size=1024)).save_pretrained(directory)
-            ours = load_model(directory, device)
+            models = {"float32": load_model(directory, device), "bfloat16": load_model(directory, device, torch.bfloat16),
+                      "int8": load_model(directory, device, int8_activations, quantize="int8")}
             hf = transformers.AutoModelForCausalLM.from_pretrained(directory).to(device).eval()
         idx = torch.tensor([prompt], device=device)
+
+        def ours(model, use_cache):
+            return lambda: generate_text(model, gpt2_tokenizer(), prompt, max_new_tokens=args.new_tokens,
+                                         temperature=0, stop_at_eot=False, use_cache=use_cache)
+
+        @torch.no_grad()
+        def theirs():
+            hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=args.new_tokens,
+                        min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=50256)
+
+        rows = [("float32", "infer.py, no cache", ours(models["float32"], False), models["float32"])]
+        rows += [(name, "infer.py, KV cache", ours(model, True), model) for name, model in models.items()]
+        rows += [("float32", "transformers generate (KV cache)", theirs, models["float32"])]
         baseline = None
-        for dtype in (torch.float32, torch.bfloat16):
-            ours, hf = ours.to(dtype), hf.to(dtype)
-            rows = {}
-            for use_cache in (False, True):
-                if dtype == torch.bfloat16 and not use_cache:
-                    continue  # the no-cache baseline is measured once, in float32
-                rows[f"infer.py, {'KV cache' if use_cache else 'no cache'}"] = best_rate(
-                    lambda: generate_text(ours, gpt2_tokenizer(), prompt, max_new_tokens=args.new_tokens, temperature=0,
-                                          stop_at_eot=False, use_cache=use_cache),
-                    args.new_tokens, args.trials, device)
-
-            @torch.no_grad()
-            def hf_generate():
-                hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=args.new_tokens,
-                            min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=50256)
-
-            rows["transformers generate (KV cache)"] = best_rate(hf_generate, args.new_tokens, args.trials, device)
-            baseline = rows["infer.py, no cache"] if dtype == torch.float32 else baseline
-            for name, rate in rows.items():
-                print(f"| {preset} | {arch} | {str(dtype)[6:]} | {name} | {rate:,.1f} | {rate / baseline:.1f}x |",
-                      flush=True)
+        for weights, implementation, generate, model in rows:
+            rate = best_rate(generate, args.new_tokens, args.trials, device)
+            baseline = baseline or rate
+            bytes_per_token = weight_bytes_per_token(model)
+            roofline = read_rate / bytes_per_token
+            print(f"| {preset} | {arch} | {weights} | {implementation} | {rate:,.1f} | {bytes_per_token / 1e6:,.0f} | "
+                  f"{roofline:,.0f} | {rate / roofline:.0%} | {rate / baseline:.1f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ gpt_train.py measures it for its log): how much of what the machine can multiply
 """
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -26,19 +27,26 @@ from transformer import GPT, config_from_preset  # noqa: E402
 from wikigpt.monitor import peak_flops  # noqa: E402
 from wikigpt.runtime import pick_device, reuse_freed_memory  # noqa: E402
 
-CPU_CASES = [("small", 8, 256), ("gpt2", 1, 1024)]  # the sizes of the nanoGPT figures in docs/benchmarks.md
+# (preset, batch, block, vocabulary, optimizer): the quickstart's step, then the sizes of the nanoGPT
+# figures in docs/benchmarks.md (GPT-2's vocabulary, AdamW)
+CPU_CASES = [("mini", 16, 128, 16384, "muon"), ("small", 8, 256, 50257, "adamw"), ("gpt2", 1, 1024, 50257, "adamw")]
 
 
-def time_steps(preset, arch, batch_size, block_size, dtype, compiled, device, warmup, steps, optimizer="adamw"):
-    """(tokens/s, MFU or None, peak memory GiB or None) of the training step."""
+def time_steps(preset, arch, batch_size, block_size, dtype, compiled, device, warmup, steps, optimizer="adamw",
+               vocab_size=50257, profile=False):
+    """(tokens/s, MFU or None, peak memory GiB or None) of the training step; with `profile`, also prints
+    torch.profiler's table of the timed steps, by operation (self CPU time)."""
     torch.manual_seed(0)
-    model = GPT(config_from_preset(preset, arch, block_size=block_size)).to(device)
+    rows = -(-vocab_size // 64) * 64  # one per id, padded to a multiple of 64 as gpt_train.py does
+    config = config_from_preset(preset, arch, block_size=block_size, vocab_size=vocab_size, padded_vocab_size=rows,
+                                eot_token=vocab_size - 1)
+    model = GPT(config).to(device)
     model.fused_loss = device.type == "cpu" and not compiled  # as gpt_train.py chooses
     optimizers = make_optimizers(model, name=optimizer, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95),
-                                 device_type=device.type)
+                                 device_type=device.type, matmul_dtype=dtype)
     step_model = torch.compile(model) if compiled else model
-    x = torch.randint(0, 50257, (batch_size, block_size), device=device)
-    y = torch.randint(0, 50257, (batch_size, block_size), device=device)
+    x = torch.randint(0, vocab_size, (batch_size, block_size), device=device)
+    y = torch.randint(0, vocab_size, (batch_size, block_size), device=device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def step():
@@ -59,11 +67,16 @@ def time_steps(preset, arch, batch_size, block_size, dtype, compiled, device, wa
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    tokens_per_s = batch_size * block_size * steps / (time.perf_counter() - started)
+    profiler = torch.profiler.profile() if profile else contextlib.nullcontext()
+    with profiler:
+        started = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        seconds = time.perf_counter() - started
+    if profile:
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    tokens_per_s = batch_size * block_size * steps / seconds
     peak, _ = peak_flops(device, dtype)
     mfu = model.flops_per_token(block_size) * tokens_per_s / peak if peak else None
     memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
@@ -77,6 +90,9 @@ def main():
     parser.add_argument("--archs", default="gpt2,qwen3", help="comma-separated blocks: gpt2, qwen3, llama, arcee")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=1024)
+    parser.add_argument("--vocab-size", type=int, default=50257, help="with --preset: ids of the tokenizer")
+    parser.add_argument("--optimizer", default="adamw", help="with --preset: adamw or muon")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler's table of each row's steps")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
     parser.add_argument("--compile-modes", default="eager,compiled", help="comma-separated: eager, compiled")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
@@ -88,18 +104,19 @@ def main():
     device = pick_device(args.device)
     if device.type == "cpu" and not args.default_malloc:
         reuse_freed_memory()  # as gpt_train.py does
-    cases = [(args.preset, args.batch_size, args.block_size)] if args.preset else CPU_CASES
+    cases = [(args.preset, args.batch_size, args.block_size, args.vocab_size, args.optimizer)] if args.preset else CPU_CASES
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
     print(f"device: {name}, torch {torch.__version__}")
-    print("| preset | block | batch x block | dtype | mode | tokens/s | MFU | peak memory |")
-    print("|---|---|---|---|---|---|---|---|")
-    rows = [(preset, arch, batch_size, block_size, dtype_name, mode) for preset, batch_size, block_size in cases
-            for arch in args.archs.split(",") for dtype_name in args.dtypes.split(",")
-            for mode in args.compile_modes.split(",")]
-    for preset, arch, batch_size, block_size, dtype_name, mode in rows:
+    print("| preset | block | batch x block | vocabulary, optimizer | dtype | mode | tokens/s | MFU | peak memory |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    rows = [(case, arch, dtype_name, mode) for case in cases for arch in args.archs.split(",")
+            for dtype_name in args.dtypes.split(",") for mode in args.compile_modes.split(",")]
+    for (preset, batch_size, block_size, vocab_size, optimizer), arch, dtype_name, mode in rows:
         tokens_per_s, mfu, memory = time_steps(preset, arch, batch_size, block_size, getattr(torch, dtype_name),
-                                               mode == "compiled", device, args.warmup, args.steps)
-        print(f"| {preset} | {arch} | {batch_size} x {block_size} | {dtype_name} | {mode} | {tokens_per_s:,.0f} | "
+                                               mode == "compiled", device, args.warmup, args.steps, optimizer,
+                                               vocab_size, args.profile)
+        print(f"| {preset} | {arch} | {batch_size} x {block_size} | {vocab_size:,}, {optimizer} | {dtype_name} | {mode} | "
+              f"{tokens_per_s:,.0f} | "
               f"{f'{mfu:.1%}' if mfu is not None else '-'} | "
               f"{f'{memory:.1f} GiB' if memory is not None else '-'} |", flush=True)
 

@@ -1,5 +1,6 @@
 """gpt_train.py: schedule, data windows, an end-to-end run, exact resume, signals, NaNs, DDP, bad input."""
 
+import functools
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from gpt_train import lr_at
 from transformer import GPT, config_from_preset
 from wikigpt import checkpoint
 from wikigpt.cli import UsageError
+from wikigpt.muon import Muon, orthogonalise
 from wikigpt.runtime import Runtime
 from wikigpt.shards import TokenWindows, open_split
 from wikigpt.tokenizer import gpt2_tokenizer, token_byte_lengths
@@ -247,6 +249,34 @@ def test_resume_with_muon_is_bit_identical(sample_dir, muon_reference_run, tmp_p
     assert ([r["loss"] for r in metrics(run) if "loss" in r] == expected) != forget_momentum
     with pytest.raises(UsageError, match="--optimizer muon -> adamw"):
         train(sample_dir, run, *RESUME, "--arch", arch, "--resume", "--max-steps", "9", "--optimizer", "adamw")
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_is_torch_s_in_bf16_and_orthogonalises_in_float32(nesterov):
+    """wikigpt/muon.py: torch.optim.Muon op for op where the run multiplies in bf16; in float32 the same
+    update to float32's precision, the momentum left as Muon's own (no in-place step on it)."""
+    torch.manual_seed(0)
+    start = [torch.randn(48, 16), torch.randn(16, 40)]
+    runs = {"torch": torch.optim.Muon, "bf16": Muon, "float32": functools.partial(Muon, ns_dtype=torch.float32)}
+    params, optimizers = {}, {}
+    for name, make in runs.items():
+        params[name] = [torch.nn.Parameter(p.clone()) for p in start]
+        optimizers[name] = make(params[name], lr=0.02, nesterov=nesterov, adjust_lr_fn="match_rms_adamw")
+    for _ in range(3):
+        gradients = [torch.randn_like(p) for p in start]
+        for name in runs:
+            for p, g in zip(params[name], gradients):
+                p.grad = g.clone()
+            optimizers[name].step()
+    assert all(torch.equal(a, b) for a, b in zip(params["torch"], params["bf16"]))
+    for a, b, p in zip(params["torch"], params["float32"], start):
+        assert not torch.equal(a, b)
+        torch.testing.assert_close(b - p, a - p, rtol=0.05, atol=2e-3)  # bf16's 8 bits against float32's 24
+    buffers = [[optimizers[n].state[p]["momentum_buffer"] for p in params[n]] for n in ("torch", "float32")]
+    assert all(torch.equal(a, b) for a, b in zip(*buffers))
+    update = orthogonalise(torch.randn(64, 24), (3.4445, -4.775, 2.0315), 5, 1e-7, torch.float32)
+    singular = torch.linalg.svdvals(update)
+    assert singular.min() > 0.6 and singular.max() < 1.3  # every direction moved alike, near 1
 
 
 def poison_training_losses(monkeypatch, poisoned_steps, value):

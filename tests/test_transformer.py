@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import transformer
 from transformer import ARCHITECTURES, GPT, GPTConfig, KVCache, config_from_preset
 from wikigpt import convert
 from wikigpt.generation import keep_top_k, keep_top_p, sample_next_token
@@ -98,6 +99,35 @@ def test_sdpa_and_manual_attention_agree(block):
     manual.load_state_dict(sdpa.state_dict())
     idx = torch.randint(0, 50257, (2, 32))
     torch.testing.assert_close(sdpa(idx)[0], manual(idx)[0], rtol=1e-5, atol=1e-5)
+
+
+# Every length at which attention="auto" may take the explicit path (bf16 on a CPU), and one past it.
+@pytest.mark.parametrize("T, past", [(1, 0), (16, 0), (128, 0), (1, 127), (8, 120), (129, 0), (1, 300)])
+def test_the_automatic_attention_takes_a_path_that_agrees_with_the_other(T, past):
+    B, nh, hs = 2, 4, 32
+    generator = torch.Generator().manual_seed(T + past)
+    q = torch.randn(B, nh, T, hs, generator=generator, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(B, nh, past + T, hs, generator=generator, dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2))
+    explicit = transformer.explicit_is_faster(q, past + T)
+    assert explicit == (past + T <= 128) and not transformer.explicit_is_faster(q.float(), past + T)
+    outputs, grads = [], []
+    for path in (True, False):
+        y = transformer.attend(q, k, v, past, None, 0.0, explicit=path)
+        y.float().square().sum().backward()
+        outputs.append(y.float())
+        grads.append([t.grad.float().clone() for t in (q, k, v)])
+        for t in (q, k, v):
+            t.grad = None
+    # bf16 keeps 8 bits: the two paths round their products at different points
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0.02, atol=0.02)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
+    model = tiny_model(block_size=512)  # the model takes the path the rule names: auto equals it exactly
+    chosen = tiny_model(block_size=512, attention="manual" if explicit else "sdpa")
+    idx = torch.randint(0, 50257, (1, past + T))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(model(idx)[0], chosen(idx)[0], rtol=0, atol=0)
 
 
 @BLOCKS

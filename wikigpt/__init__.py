@@ -10,8 +10,11 @@
     runs         run directories: choosing one, the newest, what --resume may change
     monitor      log lines, metrics.jsonl, trackers, plots, MFU and memory, text samples
     generation   sampling defaults and generated ids turned into text
-    convert      Hugging Face's GPT-2 files, both ways
+    convert      Hugging Face's files of GPT-2, Qwen3, Llama and Arcee, both ways
+    export_gguf  GGUF files for llama.cpp
+    quantize     weight-only int8 for decoding
     fused_loss   the CPU's head and loss in one pass
+    muon         Muon, its iteration in the run's matmul dtype
 
 The package never imports a script; the scripts import it.
 """

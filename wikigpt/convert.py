@@ -189,7 +189,7 @@ def read_config(directory, config_class, **overrides):
             values.update(vocab_size=vocab_size, padded_vocab_size=int(hf.get("padded_vocab_size",
                                                                               math.ceil(vocab_size / 64) * 64)),
                           eot_token=hf["eos_token_id"] if isinstance(hf.get("eos_token_id"), int)
-                          else min(EOT_TOKEN, vocab_size - 1), attention=str(hf.get("attention", "sdpa")))
+                          else min(EOT_TOKEN, vocab_size - 1), attention=str(hf.get("attention", "auto")))
         values.update({k: v for k, v in overrides.items() if v is not None})
         return config_class(**values)
     except KeyError as e:

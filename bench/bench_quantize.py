@@ -1,0 +1,90 @@
+"""Weight-only int8 against the model's own weights on real text: does it write the same and score the same?
+
+    python bench/bench_quantize.py --checkpoint runs/mini --data data/sample_en_bpe16384
+
+For --prompts articles of the validation split (held out from training), the first --prompt-tokens
+tokens after <|endoftext|> are continued greedily for --new-tokens tokens by the reference model (in
+the dtype infer.py would pick, or --dtype) and by its int8 copy (infer.py --quantize int8); the table
+gives how many of the new tokens agree before the first difference and in all. Then both score the
+whole validation split (every non-overlapping window at the model's context): the mean
+log-likelihood per token of each and their difference. Greedy decoding amplifies one flipped
+argmax into a different continuation, so the prefix that agrees is the stricter measure; the
+log-likelihood says how much the model itself changed. Results are in docs/benchmarks.md.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from infer import load_model, resolve_checkpoint  # noqa: E402
+from wikigpt.runtime import inference_weight_dtype, pick_device  # noqa: E402
+from wikigpt.shards import open_split  # noqa: E402
+from wikigpt.tokenizer import model_tokenizer  # noqa: E402
+
+
+def article_openings(tokens, eot, count, length):
+    """The first `length` tokens of the first `count` articles of a split that are at least that long."""
+    starts = np.flatnonzero(tokens == eot)
+    openings = [tokens[s : s + length] for s in starts if s + length <= len(tokens)]
+    return [[int(t) for t in opening] for opening in openings if eot not in opening[1:]][:count]
+
+
+@torch.no_grad()
+def mean_log_likelihood(model, tokens, batch_size=8):
+    """Mean log-probability per token (nats) of every non-overlapping window of `tokens`."""
+    T = model.config.block_size
+    windows = torch.from_numpy(np.asarray(tokens[: (len(tokens) - 1) // T * T + 1], dtype=np.int64))
+    starts = range(0, len(windows) - 1, T)
+    total, count = 0.0, 0
+    for first in range(0, len(starts), batch_size):
+        batch = torch.stack([windows[s : s + T + 1] for s in starts[first : first + batch_size]])
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        total, count = total + loss.item() * batch[:, 1:].numel(), count + batch[:, 1:].numel()
+    return -total / count
+
+
+def greedy(model, prompt, new_tokens):
+    idx = torch.tensor([prompt])
+    return [int(t) for t in model.generate(idx, new_tokens, temperature=0.0)]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
+    parser.add_argument("--data", required=True, help="the dataset the checkpoint was trained on")
+    parser.add_argument("--dtype", default="auto", help="the reference weights: auto, float32 or bfloat16")
+    parser.add_argument("--prompts", type=int, default=20)
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    args = parser.parse_args()
+
+    device = pick_device("cpu")
+    dtype = inference_weight_dtype(args.dtype, device)
+    path, _ = resolve_checkpoint(args.checkpoint, "runs")
+    reference, int8 = load_model(path, device, dtype), load_model(path, device, dtype, quantize="int8")
+    eot = model_tokenizer(path).eot_token
+    val = np.concatenate(open_split(args.data, "val"))
+    print(f"{path}: reference weights {str(dtype)[6:]}, int8 activations {str(dtype)[6:]}; {args.prompts} "
+          f"validation articles, {args.prompt_tokens} prompt tokens, {args.new_tokens} greedy tokens")
+    agreed_prefix, agreed_tokens, total = [], 0, 0
+    for prompt in article_openings(val, eot, args.prompts, args.prompt_tokens):
+        a, b = greedy(reference, prompt, args.new_tokens), greedy(int8, prompt, args.new_tokens)
+        agreed_prefix.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)))
+        agreed_tokens, total = agreed_tokens + sum(x == y for x, y in zip(a, b)), total + len(a)
+    exact = sum(p == args.new_tokens for p in agreed_prefix)
+    likelihood = {name: mean_log_likelihood(model, val) for name, model in (("reference", reference), ("int8", int8))}
+    print("| continuations identical | mean tokens before the first difference | tokens equal | "
+          "log-likelihood reference | int8 | difference (nats/token) |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {exact} of {len(agreed_prefix)} | {np.mean(agreed_prefix):.1f} of {args.new_tokens} | "
+          f"{agreed_tokens / total:.1%} | {likelihood['reference']:.4f} | {likelihood['int8']:.4f} | "
+          f"{likelihood['int8'] - likelihood['reference']:+.4f} |")
+
+
+if __name__ == "__main__":
+    main()
