@@ -282,7 +282,8 @@ def build_model(config, model_config, checkpoint):
     """The model to train: a checkpoint's, a pretrained GPT-2, or a new one, each of model_config's shape."""
     if not (checkpoint or config.init_from):
         return GPT(model_config)
-    model = GPT.from_pretrained(checkpoint or config.init_from, dropout=model_config.dropout)
+    model = GPT.from_pretrained(checkpoint or config.init_from, dropout=model_config.dropout,
+                                attention=model_config.attention)  # a path to the same values: not the model
     if model.config != model_config:
         raise CheckpointError(f"{checkpoint or config.init_from} holds a model of {model.config}, not the "
                               f"{model_config} that the settings give")

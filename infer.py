@@ -46,7 +46,7 @@ class InferConfig:
     num_samples: int = 1  # independent continuations of the prompt
     seed: int = 1337  # same seed, same text
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
-    dtype: str = "auto"  # weights: auto (bfloat16 on CUDA; on a CPU whichever it multiplies faster), float32, bfloat16
+    dtype: str = "auto"  # weights: auto (bfloat16 on CUDA and for int8; on a CPU the faster), float32, bfloat16
     quantize: str = "none"  # none, or int8: weight-only int8 (half bf16's bytes per token; PyTorch's own kernel)
     stop_at_eot: bool = True  # end a sample at <|endoftext|>, where the model starts a new article
     cache: bool = True  # use the key/value cache (--no-cache recomputes the whole context every token)
@@ -120,7 +120,7 @@ def main(argv=None):
     config = parse_config(InferConfig, argv, description=__doc__.split("\n\n")[0])
     check_settings(config)
     device = pick_device(config.device)
-    dtype = inference_weight_dtype(config.dtype, device)
+    dtype = inference_weight_dtype(config.dtype, device, config.quantize)
     path, note = resolve_checkpoint(config.checkpoint, config.runs_dir)
     print(note, file=sys.stderr)
     directory = convert.model_directory(path)  # a hub name is downloaded here

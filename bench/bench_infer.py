@@ -86,7 +86,7 @@ def main():
     device = pick_device(args.device)
     prompt = [464, 2106, 286, 6342, 318, 257, 1621, 286]  # "The history of Paris is a story of"
     read_rate = memory_read_rate(device)
-    int8_activations = inference_weight_dtype("auto", device)  # as infer.py --quantize int8 runs
+    int8_activations = inference_weight_dtype("auto", device, "int8")  # as infer.py --quantize int8 runs
     print(f"device: {device}, {os.cpu_count()} CPU cores, torch {torch.__version__}, transformers "
           f"{transformers.__version__}; {args.new_tokens} new tokens, batch 1, greedy; memory read at "
           f"{read_rate / 1e9:.1f} GB/s; int8 activations in {str(int8_activations)[6:]}")

@@ -4,7 +4,8 @@
 
 For --prompts articles of the validation split (held out from training), the first --prompt-tokens
 tokens after <|endoftext|> are continued greedily for --new-tokens tokens by the reference model (in
-the dtype infer.py would pick, or --dtype) and by its int8 copy (infer.py --quantize int8); the table
+the dtype of int8's activations: bf16 unless --dtype says otherwise) and by its int8 copy (infer.py
+--quantize int8), so that the two differ by the rounding of the weights alone; the table
 gives how many of the new tokens agree before the first difference and in all. Then both score the
 whole validation split (every non-overlapping window at the model's context): the mean
 log-likelihood per token of each and their difference. Greedy decoding amplifies one flipped
@@ -57,14 +58,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
     parser.add_argument("--data", required=True, help="the dataset the checkpoint was trained on")
-    parser.add_argument("--dtype", default="auto", help="the reference weights: auto, float32 or bfloat16")
+    parser.add_argument("--dtype", default="auto", help="the reference's weights and int8's activations: auto, float32, bfloat16")
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
 
     device = pick_device("cpu")
-    dtype = inference_weight_dtype(args.dtype, device)
+    dtype = inference_weight_dtype(args.dtype, device, "int8")  # int8's activations, and the reference's weights
     path, _ = resolve_checkpoint(args.checkpoint, "runs")
     reference, int8 = load_model(path, device, dtype), load_model(path, device, dtype, quantize="int8")
     eot = model_tokenizer(path).eot_token

@@ -254,6 +254,20 @@ def test_int8_decodes_a_trained_checkpoint_of_each_tokenizer(data, request, tmp_
     assert result.stdout.startswith("The city") and len(result.stdout) > len("The city") + 20
 
 
+def test_the_automatic_weight_dtype_times_the_cpu_and_gives_int8_bf16_activations(monkeypatch):
+    from wikigpt import runtime
+
+    cpu = torch.device("cpu")
+    assert runtime.inference_weight_dtype("auto", cpu, "int8") == torch.bfloat16  # int8's fast kernel
+    assert runtime.inference_weight_dtype("float32", cpu, "int8") == torch.float32  # asked for: as asked
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
+    assert runtime.inference_weight_dtype("auto", cpu) == torch.float32  # emulated bf16 would crawl through prompts
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
+    for faster in (torch.float32, torch.bfloat16):  # with bf16 instructions, whichever the timing found faster
+        monkeypatch.setattr(runtime, "faster_matvec_dtype", lambda: faster)
+        assert runtime.inference_weight_dtype("auto", cpu) == faster
+
+
 def test_int8_without_its_kernel_is_refused_in_one_line(tmp_path, monkeypatch):
     def missing(*args):
         raise NotImplementedError("no kernel")

@@ -6,6 +6,7 @@ Used by gpt_train.py, through one Monitor per run. Every process may call it; on
 (rank 0) prints and writes, since the others would repeat the same lines.
 """
 
+import functools
 import importlib
 import json
 import math
@@ -46,10 +47,12 @@ def peak_flops(device, dtype=torch.bfloat16):
     return None, None
 
 
-def matmul_rate(dtype, sizes=(1024, 2048), repeats=3):
+@functools.cache  # once per process and dtype: every run and bench row of a process compares alike
+def matmul_rate(dtype, sizes=(512, 1024, 2048), repeats=5):
     """The best FLOP/s of square (n x n) @ (n x n) products in `dtype` on this CPU, with the threads
-    torch uses: the most a training step's matrix products could reach (2 n^3 FLOPs each; the first
-    product of each size, which warms the kernels up, is not counted). About 0.2 s on 2 cores."""
+    torch uses: what a training step's matrix products could reach (2 n^3 FLOPs each; the first
+    product of each size, which warms the kernels up, is not counted). A shared VM's rate moves by
+    10-20% from second to second, so the best of several is its peak. About 0.6 s on 2 cores."""
     import time
 
     best, generator = 0.0, torch.Generator().manual_seed(0)  # its own: the run's RNG state is left as it was

@@ -78,15 +78,22 @@ def training_autocast_dtype(requested, device):
     return None if requested == "float32" else getattr(torch, requested)
 
 
-def inference_weight_dtype(requested, device):
-    """The dtype of the weights for inference. Decoding is bound by memory bandwidth, so bf16 weights,
-    half the bytes, should be twice as fast; on CUDA they are. A CPU's flags do not say as much: its
-    bf16 matrix-vector kernel may be slower than its float32 one (measured on Sapphire Rapids, 18
-    against 30 GB/s), so on a CPU auto times both (faster_matvec_dtype) and takes the faster."""
+def inference_weight_dtype(requested, device, quantize="none"):
+    """The dtype of the weights for inference (with quantize="int8", of the activations and of all
+    but the int8 matrices). Decoding is bound by memory bandwidth, so bf16 weights, half the bytes,
+    should be twice as fast; on CUDA they are. A CPU's flags do not say as much: its bf16 matrix-vector
+    kernel may be slower than its float32 one (measured on Sapphire Rapids, 18 against 30 GB/s), so
+    on a CPU with bf16 instructions auto times both (faster_matvec_dtype) and takes the faster. Without
+    them bf16 still decodes faster (GPT-2: 37 against 20 tokens/s on an AVX2 EPYC) but its products
+    are emulated (0.9 GFLOP/s): a long prompt would take minutes, so float32. PyTorch's int8 kernel is fast
+    with bf16 activations only: on an AVX2 EPYC it read GPT-2's int8 head in 4.1 ms with bf16 ones and
+    24.8 ms with float32 ones (13.6 for the float32 head), so auto gives int8 bf16 activations."""
     if requested == "auto":
+        if quantize == "int8" or device.type == "cuda":
+            return torch.bfloat16
         if device.type == "cpu":
             return faster_matvec_dtype() if cpu_has_fast_bf16() else torch.float32
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.float32
     return getattr(torch, requested)
 
 
