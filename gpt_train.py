@@ -283,7 +283,7 @@ def build_model(config, model_config, checkpoint):
     if not (checkpoint or config.init_from):
         return GPT(model_config)
     model = GPT.from_pretrained(checkpoint or config.init_from, dropout=model_config.dropout,
-                                attention=model_config.attention)  # a path to the same values: not the model
+                                attention=model_config.attention)  # the path to the same values is the run's choice
     if model.config != model_config:
         raise CheckpointError(f"{checkpoint or config.init_from} holds a model of {model.config}, not the "
                               f"{model_config} that the settings give")

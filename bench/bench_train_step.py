@@ -1,15 +1,19 @@
-"""Tokens per second of the real training step: forward, backward, gradient clipping and AdamW.
+"""Tokens per second and MFU of the real training step: forward, backward, gradient clipping, optimizers.
 
-    python bench/bench_train_step.py                         # CPU table: small and gpt2 presets, both blocks
+    python bench/bench_train_step.py                         # CPU table: the quickstart's step, small, gpt2
+    python bench/bench_train_step.py --preset mini --batch-size 16 --block-size 128 --vocab-size 16384 \
+        --optimizer muon --dtypes bfloat16 --compile-modes eager --profile   # where the quickstart's step goes
     python bench/bench_train_step.py --device cuda --preset gpt2 --batch-size 16 --block-size 1024 \\
         --dtypes bfloat16 --compile-modes compiled           # one GPU, with MFU
 
 Each row builds the model of transformer.py, runs --warmup steps (compilation happens there), then
 times --steps steps with the device synchronised before each clock read. MFU is the achieved
 FLOP/s (6N + 12LTC per token, transformer.GPT.flops_per_token) over the GPU's bf16 peak or, on a CPU,
-over the rate of this CPU's own square matrix products in the row's dtype, measured in the same run
-just before the row (wikigpt/monitor.py, matmul_rate: the best of 1,024 and 2,048-wide products, as
-gpt_train.py measures it for its log): how much of what the machine can multiply the step uses.
+over the rate of this CPU's own square matrix products in the row's dtype, measured once in the same
+process (wikigpt/monitor.py, matmul_rate: the best of five products at each of 512, 1,024 and 2,048,
+as gpt_train.py measures it for its log): how much of what the machine can multiply the step uses.
+The CPU table's first row is the quickstart's step (mini, 16 x 128, its BPE of 16,384 ids, Muon);
+--profile prints torch.profiler's operations of each row's timed steps (docs/benchmarks.md).
 """
 
 import argparse
