@@ -107,9 +107,10 @@ def check_settings(config):
     if config.max_new_tokens < 1 or config.num_samples < 1:
         raise UsageError("--max-new-tokens and --num-samples must be at least 1")
     check_dtype_name(config.dtype)
-    if config.quantize not in ("none", "int8") or config.gguf_type not in OUT_TYPES:
-        raise UsageError(f"--quantize must be none or int8, got {config.quantize!r}; --gguf-type must be one of "
-                         f"{', '.join(OUT_TYPES)}, got {config.gguf_type!r}")
+    if config.quantize not in ("none", "int8"):
+        raise UsageError(f"--quantize must be none or int8, got {config.quantize!r}")
+    if config.gguf_type not in OUT_TYPES:
+        raise UsageError(f"--gguf-type must be one of {', '.join(OUT_TYPES)}, got {config.gguf_type!r}")
     try:
         check_sampling(config.temperature, config.top_k, config.top_p)
     except ValueError as e:

@@ -147,6 +147,7 @@ def test_non_finite_weights_are_refused(tmp_path):
     (["--device", "quantum"], "unknown device"),
     (["--checkpoint", "/nonexistent/dir"], "not a model directory"),
     (["--seed", "x"], "invalid int value"),
+    (["--quantize", "int4"], "--quantize must be none or int8, got 'int4'"),
 ])
 def test_bad_input_gets_one_clear_line(tmp_path, args, message):
     base = ["--checkpoint", save_tiny(tmp_path), "--input", "x"]
