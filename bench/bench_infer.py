@@ -29,34 +29,29 @@ from wikigpt.runtime import inference_weight_dtype, pick_device  # noqa: E402
 from wikigpt.tokenizer import gpt2_tokenizer  # noqa: E402
 
 
-def best_rate(generate, new_tokens, trials, device):
-    rates = []
-    for _ in range(trials):
+def best_time(function, repeats, device):
+    """The shortest of `repeats` timed calls of `function`, in seconds, the device synchronised around each."""
+    times = []
+    for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        generate()
+        function()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        rates.append(new_tokens / (time.perf_counter() - started))
-    return max(rates)
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def best_rate(generate, new_tokens, trials, device):
+    return new_tokens / best_time(generate, trials, device)
 
 
 def memory_read_rate(device, gib=1, repeats=5):
     """Bytes per second of summing a float32 tensor of `gib` GiB, best of `repeats`: what one pass over
     weights that do not fit in any cache can reach."""
     data = torch.ones(gib * 2**28, device=device)
-    return gib * 2**30 / min(best_time(data.sum, device) for _ in range(repeats))
-
-
-def best_time(function, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    function()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - started
+    return gib * 2**30 / best_time(data.sum, repeats, device)
 
 
 def weight_bytes_per_token(model):
