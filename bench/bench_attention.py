@@ -20,26 +20,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from bench_infer import best_time  # noqa: E402
 from transformer import attend  # noqa: E402
 
 # (batch, heads, tokens, head width): the quickstart, `small`, gpt2, and longer contexts of `small`
 TRAINING_SHAPES = [(16, 4, 128, 32), (8, 6, 256, 64), (16, 4, 256, 32), (8, 6, 512, 64), (4, 6, 1024, 64),
                    (1, 12, 1024, 64), (2, 12, 2048, 64)]
 DECODING_SHAPES = [(1, 12, 64, 64), (1, 12, 512, 64), (1, 12, 1024, 64), (1, 16, 4096, 128)]
-
-
-def best_time(function, repeats, device):
-    function()  # warms the kernels up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        function()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    return min(times)
 
 
 def time_attention(path, shape, dtype, device, decoding, repeats):
@@ -58,6 +45,7 @@ def time_attention(path, shape, dtype, device, decoding, repeats):
             y.sum().backward()
 
     with torch.no_grad() if decoding else torch.enable_grad():
+        call()  # warms the kernels up
         return best_time(call, repeats, device)
 
 

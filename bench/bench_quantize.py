@@ -22,10 +22,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from gpt_train import ValidationSplit, evaluate, whole_split_batches  # noqa: E402
 from infer import load_model, resolve_checkpoint  # noqa: E402
-from wikigpt.runtime import inference_weight_dtype, pick_device  # noqa: E402
-from wikigpt.shards import open_split  # noqa: E402
-from wikigpt.tokenizer import model_tokenizer  # noqa: E402
+from wikigpt.runtime import Runtime, inference_weight_dtype, pick_device  # noqa: E402
+from wikigpt.shards import TokenWindows, open_split  # noqa: E402
+from wikigpt.tokenizer import model_tokenizer, token_byte_lengths  # noqa: E402
 
 
 def article_openings(tokens, eot, count, length):
@@ -35,18 +36,13 @@ def article_openings(tokens, eot, count, length):
     return [[int(t) for t in opening] for opening in openings if eot not in opening[1:]][:count]
 
 
-@torch.no_grad()
-def mean_log_likelihood(model, tokens, batch_size=8):
-    """Mean log-probability per token (nats) of every non-overlapping window of `tokens`."""
-    T = model.config.block_size
-    windows = torch.from_numpy(np.asarray(tokens[: (len(tokens) - 1) // T * T + 1], dtype=np.int64))
-    starts = range(0, len(windows) - 1, T)
-    total, count = 0.0, 0
-    for first in range(0, len(starts), batch_size):
-        batch = torch.stack([windows[s : s + T + 1] for s in starts[first : first + batch_size]])
-        _, loss = model(batch[:, :-1], batch[:, 1:])
-        total, count = total + loss.item() * batch[:, 1:].numel(), count + batch[:, 1:].numel()
-    return -total / count
+def whole_split_loss(model, data, tokenizer, batch_size=8):
+    """Mean cross-entropy per token (nats) over every non-overlapping window of the validation split,
+    through the trainer's own evaluation (gpt_train.evaluate)."""
+    run = Runtime(torch.device("cpu"))
+    windows = TokenWindows(open_split(data, "val"), model.config.block_size, batch_size, seed=0, shuffle=False)
+    split = ValidationSplit(windows, torch.tensor(token_byte_lengths(tokenizer)))
+    return evaluate(model, split, whole_split_batches(windows, batch_size, 10**12, run), run).loss
 
 
 def greedy(model, prompt, new_tokens):
@@ -58,7 +54,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
     parser.add_argument("--data", required=True, help="the dataset the checkpoint was trained on")
-    parser.add_argument("--dtype", default="auto", help="the reference's weights and int8's activations: auto, float32, bfloat16")
+    parser.add_argument("--dtype", default="auto",
+                        help="the reference's weights and int8's activations: auto, float32, bfloat16")
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -68,7 +65,8 @@ def main():
     dtype = inference_weight_dtype(args.dtype, device, "int8")  # int8's activations, and the reference's weights
     path, _ = resolve_checkpoint(args.checkpoint, "runs")
     reference, int8 = load_model(path, device, dtype), load_model(path, device, dtype, quantize="int8")
-    eot = model_tokenizer(path).eot_token
+    tokenizer = model_tokenizer(path)
+    eot = tokenizer.eot_token
     val = np.concatenate(open_split(args.data, "val"))
     print(f"{path}: reference weights {str(dtype)[6:]}, int8 activations {str(dtype)[6:]}; {args.prompts} "
           f"validation articles, {args.prompt_tokens} prompt tokens, {args.new_tokens} greedy tokens")
@@ -78,7 +76,8 @@ def main():
         agreed_prefix.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)))
         agreed_tokens, total = agreed_tokens + sum(x == y for x, y in zip(a, b)), total + len(a)
     exact = sum(p == args.new_tokens for p in agreed_prefix)
-    likelihood = {name: mean_log_likelihood(model, val) for name, model in (("reference", reference), ("int8", int8))}
+    likelihood = {name: -whole_split_loss(model, args.data, tokenizer)
+                  for name, model in (("reference", reference), ("int8", int8))}
     print("| continuations identical | mean tokens before the first difference | tokens equal | "
           "log-likelihood reference | int8 | difference (nats/token) |")
     print("|---|---|---|---|---|---|")
