@@ -42,14 +42,18 @@ class LinearCrossEntropy(torch.autograd.Function):
     rows get zero probability and no gradient from the loss. Targets of -1 are ignored.
     """
 
-    ROWS = 256  # rows per matrix product: enough for the products to run at full speed
-    SOFTMAX_ROWS = 16  # 16 x 50304 float32 values is 3 MB, within a core's share of cache
+    ROWS = 512  # rows per matrix product: enough for the products to run at full speed
+    # Rows of float32 logits worked on at once: about 4 MB, within the caches (64 rows of 16,384 ids, 20
+    # of GPT-2's 50,304). Fewer, larger groups spend less on dispatching the dozen elementwise operations
+    # of each: the quickstart's head and loss 6% faster than with 16 rows (2 cores of a Zen 4).
+    SOFTMAX_BYTES = 4 << 20
 
     @staticmethod
     def forward(ctx, x, weight, targets, vocab_size, z_loss, wants_grad):
         ctx.set_materialize_grads(False)  # an unused output gets None in backward, not zeros
         ctx.vocab_size = vocab_size
-        N, chunk_rows, softmax_rows = x.size(0), LinearCrossEntropy.ROWS, LinearCrossEntropy.SOFTMAX_ROWS
+        N, chunk_rows = x.size(0), LinearCrossEntropy.ROWS
+        softmax_rows = max(1, LinearCrossEntropy.SOFTMAX_BYTES // (4 * weight.size(0)))
         valid = targets >= 0
         safe_targets = targets.clamp(min=0)
         count = valid.sum()
