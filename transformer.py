@@ -280,15 +280,11 @@ def attend(q, k, v, past, mask, dropout_p, explicit):
 
 
 def explicit_is_faster(q, keys, max_keys=128):
-    """attention="auto": the explicit path where the products run in bf16 on a CPU, up to max_keys keys or
-    for one new query (decoding), where the fused kernel's small blocks leave the matrix units idle
-    (bench/bench_attention.py on 2 cores of a Zen 4: the quickstart's attention 2x faster, GPT-2's
-    decoding at 1,024 keys 3.4x; on a Sapphire Rapids the quickstart's step 18%); the fused kernel
-    wherever else it wins, float32 and CUDA. Under autocast the products run in autocast's dtype, not
-    q's: with query/key norms (computed in float32) q is float32 while every product runs in bf16."""
-    device = q.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
-    return device == "cpu" and dtype == torch.bfloat16 and (keys <= max_keys or q.size(2) == 1)
+    """attention="auto": the explicit path where the products run in bf16 on a CPU (autocast's dtype, not q's:
+    query/key norms leave q in float32), up to max_keys keys or for one decoding query; the fused kernel
+    elsewhere. Where each wins, on three kinds of CPU: bench/bench_attention.py, docs/benchmarks.md."""
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
+    return q.device.type == "cpu" and dtype == torch.bfloat16 and (keys <= max_keys or q.size(2) == 1)
 
 
 def shared_heads(x, groups):
@@ -329,7 +325,6 @@ class CausalSelfAttention(nn.Module):
             k = cache.keys[layer, :, :, : past + T]  # (B, nkv, past + T, hs)
             v = cache.values[layer, :, :, : past + T]  # (B, nkv, past + T, hs)
         k, v = shared_heads(k, nh // nkv), shared_heads(v, nh // nkv)  # (B, nh, past + T, hs)
-
         explicit = self.attention == "manual" or (self.attention == "auto" and explicit_is_faster(q, past + T))
         y = attend(q, k, v, past, mask, self.dropout if self.training else 0.0, explicit)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # (B, T, nh hs): heads side by side again

@@ -7,7 +7,7 @@ and backward, for the shapes that training and decoding give.
 Each row times one causal self-attention call with its backward (training: queries, keys and values
 of T tokens) or one new query against T cached keys (decoding, no backward), as transformer.py's
 CausalSelfAttention computes them, best of --repeats after a warm-up call. What it measured decides
-transformer.explicit_attention_is_faster, the rule that attention="auto" follows on a CPU
+transformer.explicit_is_faster, the rule that attention="auto" follows on a CPU
 (docs/benchmarks.md has the table and the machine).
 """
 
