@@ -1,6 +1,6 @@
 """Trains the model of transformer.py (today's block, or GPT-2's) on the token shards of gpt_dataset.py.
 
-    python gpt_train.py                                                         # the CPU quickstart, ~8 min
+    python gpt_train.py                                                         # the CPU quickstart, ~9 min
     python gpt_train.py --data data/wikipedia_en_20231101_gpt2 --preset gpt2    # one GPU
     torchrun --nproc_per_node=8 gpt_train.py --data ... --preset gpt2           # eight GPUs
     python gpt_train.py ... --resume                                            # continue a run
@@ -23,10 +23,10 @@ leaves a half checkpoint that looks whole. SIGTERM or Ctrl-C saves one at the ne
 exits.
 
 What to expect: the defaults (today's block, --arch qwen3, at the `mini` size on the English sample
-with its own BPE of 16,384 ids, 2,750 steps of 2,048 tokens, Muon and a warmup-stable-decay schedule)
-take 9-13 minutes on 2 cores of an AVX512-BF16 CPU as the VM's speed varies and reach 1.387 bits per
-byte over the whole validation split (--arch gpt2: 1.411, 7% faster). How those
-defaults were chosen, and measured speeds of the training step, are in docs/benchmarks.md.
+with its own BPE of 16,384 ids, 2,000 steps of 2,048 tokens, Muon and a warmup-stable-decay schedule)
+take about 9 minutes on 2 cores of an AVX512-BF16 CPU (8.9 at 8,205 tokens/s on a slow hour of a Zen 4)
+and reach 1.387 bits per byte over the whole validation split (2,750 steps: 1.388, the sample read too
+often). How those defaults were chosen, and measured speeds of the step, are in docs/benchmarks.md.
 """
 
 import math
@@ -71,7 +71,7 @@ class TrainConfig:
     tie_embeddings: bool | None = None  # override whether the head shares the token embedding's weight
     rope_theta: float | None = None  # override the rotary base
     init_from: str | None = None  # start from a Hugging Face GPT-2 directory or hub name instead of random weights
-    max_steps: int = 2750  # optimizer steps in the whole run
+    max_steps: int = 2000  # optimizer steps in the whole run
     batch_size: int = 16  # sequences per micro-batch per process
     tokens_per_step: int | None = None  # tokens per optimizer step over all processes; sets accumulation
     optimizer: str = "muon"  # muon: Muon for the blocks' matrices and AdamW for the rest; or adamw for all
