@@ -33,7 +33,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     gradients). Why it exists: with GPT-2's vocabulary the logits of one batch take hundreds of
     megabytes, far more than a CPU's caches, and reading them back for the loss and again for its
     gradient is bound by memory bandwidth. Here the logits are made ROWS rows at a time (a chunk),
-    and each group of SOFTMAX_ROWS rows is turned into its loss and the loss's gradient while it is
+    and each group of SOFTMAX_BYTES of rows is turned into its loss and the loss's gradient while it is
     still in cache. That gradient is computed in the forward pass (it needs the same softmax) and
     only scaled in the backward pass. Gradients that reach the returned logits (when something
     besides the loss uses them) are handled too.
@@ -71,13 +71,13 @@ class LinearCrossEntropy(torch.autograd.Function):
             logits[chunk, vocab_size:] = float("-inf")
             for offset in range(start, min(start + chunk_rows, N), softmax_rows):
                 rows = slice(offset, offset + softmax_rows)
-                z = logits[rows].to(torch.float32, copy=True)  # (SOFTMAX_ROWS, V), worked on in place
+                z = logits[rows].to(torch.float32, copy=True)  # (softmax_rows, V), worked on in place
                 row_ids = torch.arange(z.size(0), device=x.device)
                 target_logits = z[row_ids, safe_targets[rows]]
                 row_max = z.amax(dim=1, keepdim=True)
                 z.sub_(row_max).exp_()  # exp(z - max), so that nothing overflows
                 row_sum = z.sum(dim=1, keepdim=True)
-                log_z = row_max + row_sum.log()  # (SOFTMAX_ROWS, 1), the log-sum-exp
+                log_z = row_max + row_sum.log()  # (softmax_rows, 1), the log-sum-exp
                 losses[rows] = log_z.squeeze(1) - target_logits + z_loss * log_z.squeeze(1).square()
                 if wants_grad:
                     z.mul_(row_scale[rows, None] * (1 + 2 * z_loss * log_z) / row_sum)  # softmax, scaled
