@@ -33,8 +33,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     gradients). Why it exists: with GPT-2's vocabulary the logits of one batch take hundreds of
     megabytes, far more than a CPU's caches, and reading them back for the loss and again for its
     gradient is bound by memory bandwidth. Here the logits are made ROWS rows at a time (a chunk),
-    and each group of SOFTMAX_BYTES of rows is turned into its loss and the loss's gradient while it is
-    still in cache. That gradient is computed in the forward pass (it needs the same softmax) and
+    and each group of rows whose float32 logits fill about SOFTMAX_BYTES is turned into its loss and
+    the loss's gradient while it is still in cache. That gradient is computed in the forward pass (it needs the same softmax) and
     only scaled in the backward pass. Gradients that reach the returned logits (when something
     besides the loss uses them) are handled too.
 
