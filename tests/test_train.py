@@ -254,9 +254,10 @@ def test_resume_with_muon_is_bit_identical(sample_dir, muon_reference_run, tmp_p
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_muon_is_torch_s_in_bf16_and_orthogonalises_in_float32(nesterov):
     """wikigpt/muon.py: torch.optim.Muon op for op where the run multiplies in bf16; in float32 the same
-    update to float32's precision, the momentum left as Muon's own (no in-place step on it)."""
+    update to float32's precision, the momentum left as Muon's own (no in-place step on it). Matrices of
+    one shape are orthogonalised in one batch (three here), a shape of its own alone."""
     torch.manual_seed(0)
-    start = [torch.randn(48, 16), torch.randn(16, 40)]
+    start = [torch.randn(48, 16), torch.randn(16, 40), torch.randn(48, 16), torch.randn(48, 16) * 10]
     runs = {"torch": torch.optim.Muon, "bf16": Muon, "float32": functools.partial(Muon, ns_dtype=torch.float32)}
     params, optimizers = {}, {}
     for name, make in runs.items():
