@@ -28,7 +28,7 @@ from wikigpt.checkpoint import best_checkpoint
 from wikigpt.cli import UsageError, parse_config, run_cli
 from wikigpt.export_gguf import OUT_TYPES, write_gguf
 from wikigpt.generation import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, check_sampling, generate_text
-from wikigpt.quantize import quantize_int8
+from wikigpt.quantize import quantize_int8, spread_matvecs
 from wikigpt.runs import newest_run
 from wikigpt.runtime import check_dtype_name, inference_weight_dtype, pick_device
 from wikigpt.tokenizer import check_tokenizer_fits, model_tokenizer
@@ -46,7 +46,7 @@ class InferConfig:
     num_samples: int = 1  # independent continuations of the prompt
     seed: int = 1337  # same seed, same text
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
-    dtype: str = "auto"  # weights: auto (bfloat16 on CUDA and for int8; on a CPU the faster), float32, bfloat16
+    dtype: str = "auto"  # weights: auto (bfloat16 on CUDA and for int8, float32 on a CPU), float32, bfloat16
     quantize: str = "none"  # none, or int8: weight-only int8 (half bf16's bytes per token; PyTorch's own kernel)
     stop_at_eot: bool = True  # end a sample at <|endoftext|>, where the model starts a new article
     cache: bool = True  # use the key/value cache (--no-cache recomputes the whole context every token)
@@ -77,10 +77,10 @@ def resolve_checkpoint(checkpoint, runs_dir):
 
 
 def load_model(path_or_name, device, dtype=torch.float32, quantize="none"):
-    """A model ready for inference: weights from safetensors, config from JSON, checked before use;
-    with quantize="int8", its linear layers' weights in int8 (wikigpt/quantize.py)."""
+    """A model ready for inference: weights from safetensors, config from JSON, checked before use; its
+    linear layers int8 with quantize="int8", else in float32 on a CPU spread over the cores (wikigpt/quantize.py)."""
     model = GPT.from_pretrained(path_or_name).to(device=device, dtype=dtype).eval()
-    return quantize_int8(model) if quantize == "int8" else model
+    return quantize_int8(model) if quantize == "int8" else spread_matvecs(model)
 
 
 def load_tokenizer(directory):

@@ -255,18 +255,51 @@ def test_int8_decodes_a_trained_checkpoint_of_each_tokenizer(data, request, tmp_
     assert result.stdout.startswith("The city") and len(result.stdout) > len("The city") + 20
 
 
-def test_the_automatic_weight_dtype_times_the_cpu_and_gives_int8_bf16_activations(monkeypatch):
+def test_the_automatic_weight_dtype_is_float32_on_a_cpu_and_gives_int8_bf16_activations(monkeypatch):
     from wikigpt import runtime
 
     cpu = torch.device("cpu")
     assert runtime.inference_weight_dtype("auto", cpu, "int8") == torch.bfloat16  # int8's fast kernel
     assert runtime.inference_weight_dtype("float32", cpu, "int8") == torch.float32  # asked for: as asked
-    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
-    assert runtime.inference_weight_dtype("auto", cpu) == torch.float32  # emulated bf16 would crawl through prompts
-    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
-    for faster in (torch.float32, torch.bfloat16):  # with bf16 instructions, whichever the timing found faster
-        monkeypatch.setattr(runtime, "faster_matvec_dtype", lambda: faster)
-        assert runtime.inference_weight_dtype("auto", cpu) == faster
+    assert runtime.inference_weight_dtype("bfloat16", cpu) == torch.bfloat16
+    for fast_bf16 in (False, True):  # with or without bf16 instructions: float32 over every core decodes faster
+        monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: fast_bf16)
+        assert runtime.inference_weight_dtype("auto", cpu) == torch.float32
+    assert runtime.inference_weight_dtype("auto", torch.device("cuda")) == torch.bfloat16
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen3"])
+def test_float32_decoding_over_every_core_computes_what_the_linear_layers_do(arch, tmp_path):
+    """wikigpt/quantize.py: infer.load_model spreads each float32 matrix-vector product over the cores
+    (a slice of the weight's rows each, in one batched product); logits and greedy tokens stay those of
+    nn.Linear, the tied head keeps sharing the embedding, and bf16 or a single thread change nothing."""
+    from transformer import config_from_preset
+    from wikigpt.quantize import MatVecLinear, spread_matvecs
+
+    torch.manual_seed(0)
+    GPT(config_from_preset("tiny", arch)).save_pretrained(tmp_path)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)  # four slices, whatever the machine has
+        plain = GPT.from_pretrained(tmp_path).eval()
+        spread = infer.load_model(tmp_path, torch.device("cpu"))
+        linears = [m for m in spread.modules() if isinstance(m, MatVecLinear)]
+        assert len(linears) == 4 * 2 + 1 and not any(isinstance(m, torch.nn.Linear) for m in spread.modules())
+        assert all(m.parts == 4 for m in linears)  # every width here is a multiple of 4
+        assert spread.lm_head.weight is spread.transformer.wte.weight  # tied, as the tiny preset is
+        idx, row = torch.randint(0, 50257, (1, 12)), torch.randn(1, 1, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(spread(idx)[0], plain(idx)[0])  # a prompt: F.linear, as before
+            torch.testing.assert_close(spread.lm_head(row), plain.lm_head(row))  # one row: the batched slices
+        greedy = [torch.stack(list(m.generate(idx[:, :4], 40, temperature=0)), dim=1) for m in (plain, spread)]
+        assert torch.equal(*greedy)
+        torch.set_num_threads(1)
+        assert not any(isinstance(m, MatVecLinear) for m in spread_matvecs(GPT.from_pretrained(tmp_path)).modules())
+        torch.set_num_threads(4)
+        bf16 = GPT.from_pretrained(tmp_path).to(torch.bfloat16)
+        assert not any(isinstance(m, MatVecLinear) for m in spread_matvecs(bf16).modules())
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_int8_without_its_kernel_is_refused_in_one_line(tmp_path, monkeypatch):

@@ -1,16 +1,24 @@
-"""Weight-only int8 for decoding: each linear layer's weight stored as int8 with one scale per output
-row, multiplied by PyTorch's own int8 kernel (torch.ops.aten._weight_int8pack_mm).
+"""Decoding's linear layers on a CPU: float32 matrix-vector products spread over every core, and
+weight-only int8, each weight row stored as int8 with one scale and multiplied by PyTorch's own int8
+kernel (torch.ops.aten._weight_int8pack_mm).
 
-Used by infer.py (--quantize int8). Decoding one token at batch 1 reads every weight once and does
-little arithmetic on each, so its speed is set by the bytes of weights read per token: int8 halves
-bf16's and quarters float32's. Activations, the token embedding (a lookup), the norms and the key/value
-cache keep the model's dtype; each weight row w becomes round(w / s) with s = max|w| / 127, so the
-largest entry of every row is exact and the others are off by at most s / 2. docs/benchmarks.md
-gives the speed and the agreement with bf16 on real text; tests/test_infer.py checks the math.
+Used by infer.py (load_model, and --quantize int8). Decoding one token at batch 1 reads every weight
+once and does little arithmetic on each, so its speed is set by the bytes of weights read per token
+and by how fast the kernel reads them. PyTorch's float32 product of one vector with a matrix runs on
+one core, at about half of what two cores read (docs/benchmarks.md); the same rows cut into one slice
+per core and multiplied in one batched call (torch.bmm, which gives each slice a core) read about twice
+as fast, the same sums in another order. int8 halves bf16's bytes and quarters float32's. With int8,
+activations, the token embedding (a lookup), the norms and the key/value cache keep the model's
+dtype; each weight row w becomes round(w / s) with s = max|w| / 127, so the largest entry of every row
+is exact and the others are off by at most s / 2. docs/benchmarks.md gives the speeds and the
+agreement with bf16 on real text; tests/test_infer.py checks the math.
 """
+
+import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from wikigpt.cli import UsageError
 
@@ -52,4 +60,41 @@ def quantize_int8(model):
         for name, child in parent.named_children():
             if isinstance(child, nn.Linear):
                 setattr(parent, name, Int8Linear(child, dtype).to(device))
+    return model
+
+
+def matvec_over_cores(x, weight, parts):
+    """x (1, in) times weight.T (in, out) as `parts` slices of the weight's rows in one batched product,
+    which PyTorch spreads over the cores: (1, out), equal to F.linear(x, weight) but for summation order."""
+    slices = weight.view(parts, weight.size(0) // parts, weight.size(1))  # (parts, out / parts, in)
+    return torch.bmm(slices, x.t().expand(parts, -1, -1)).view(1, -1)  # (parts, out / parts, 1) -> (1, out)
+
+
+class MatVecLinear(nn.Module):
+    """An nn.Linear (the same weight and bias, shared, not copied) that multiplies a single row, one
+    decoded token's, over every core (matvec_over_cores); prompts of several rows take F.linear."""
+
+    def __init__(self, linear, parts):
+        super().__init__()
+        self.weight, self.bias, self.parts = linear.weight, linear.bias, parts
+
+    def forward(self, x):
+        if x.numel() != x.size(-1):  # several rows: a matrix product, which uses every core already
+            return F.linear(x, self.weight, self.bias)
+        y = matvec_over_cores(x.reshape(1, -1), self.weight, self.parts).view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+def spread_matvecs(model):
+    """For float32 decoding on a CPU: replaces, in place, every nn.Linear whose rows split evenly over
+    the cores by a MatVecLinear (a tied head keeps sharing the embedding's weight). Other models are
+    returned as they are: bf16's and int8's kernels use every core by themselves."""
+    weight = model.transformer.wte.weight
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or torch.get_num_threads() < 2:
+        return model
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            parts = math.gcd(child.out_features, torch.get_num_threads()) if isinstance(child, nn.Linear) else 1
+            if parts > 1:
+                setattr(parent, name, MatVecLinear(child, parts))
     return model

@@ -80,36 +80,17 @@ def training_autocast_dtype(requested, device):
 
 def inference_weight_dtype(requested, device, quantize="none"):
     """The dtype of the weights for inference (with quantize="int8", of the activations and of all
-    but the int8 matrices). Decoding is bound by memory bandwidth, so bf16 weights, half the bytes,
-    should be twice as fast; on CUDA they are. A CPU's flags do not say as much: its bf16 matrix-vector
-    kernel may be slower than its float32 one (measured on Sapphire Rapids, 18 against 30 GB/s), so
-    on a CPU with bf16 instructions auto times both (faster_matvec_dtype) and takes the faster. Without
-    them bf16 still decodes faster (GPT-2: 37 against 20 tokens/s on an AVX2 EPYC) but its products
-    are emulated (0.9 GFLOP/s): a long prompt would take minutes, so float32. PyTorch's int8 kernel is fast
-    with bf16 activations only: on an AVX2 EPYC it read GPT-2's int8 head in 4.1 ms with bf16 ones and
-    24.8 ms with float32 ones (13.6 for the float32 head), so auto gives int8 bf16 activations."""
+    but the int8 matrices). Decoding is bound by how fast the weights are read, so bf16 weights, half
+    the bytes, should be twice as fast; on CUDA they are. On the CPUs measured, float32 decodes faster:
+    its products of one vector run over every core (wikigpt/quantize.py, spread_matvecs) while bf16's
+    kernel reads slowly (GPT-2 124M on a Zen 4 with AVX512-BF16: 44 against 35 tokens/s; on a Sapphire
+    Rapids bf16 read at 18 GB/s where float32 reached 30 on one core; without bf16 instructions bf16 is
+    emulated, and a prompt crawls through its products at 0.9 GFLOP/s). PyTorch's int8 kernel is fast
+    with bf16 activations only (GPT-2's int8 head in 4.1 ms with bf16 ones, 24.8 with float32 ones on
+    an AVX2 EPYC), so auto gives int8 bf16 activations. docs/benchmarks.md has the tables."""
     if requested == "auto":
-        if quantize == "int8" or device.type == "cuda":
-            return torch.bfloat16
-        if device.type == "cpu":
-            return faster_matvec_dtype() if cpu_has_fast_bf16() else torch.float32
-        return torch.float32
+        return torch.bfloat16 if quantize == "int8" or device.type == "cuda" else torch.float32
     return getattr(torch, requested)
-
-
-def faster_matvec_dtype(rows=8192, columns=2048, repeats=5):
-    """float32 or bfloat16: whichever multiplies a vector by a rows x columns matrix faster on this CPU
-    (64 MB in float32, more than its caches hold, as a model's weights are), best of `repeats`."""
-    best, generator = {}, torch.Generator().manual_seed(0)  # its own: sampling's RNG is left as it was
-    for dtype in (torch.float32, torch.bfloat16):
-        matrix, vector = (torch.randn(n, columns, generator=generator).to(dtype) for n in (rows, 1))
-        times = []
-        for _ in range(repeats + 1):  # the first call warms the kernel up
-            started = time.perf_counter()
-            torch.nn.functional.linear(vector, matrix)
-            times.append(time.perf_counter() - started)
-        best[dtype] = min(times[1:])
-    return min(best, key=best.get)
 
 
 # ---- Processes: torchrun ----
