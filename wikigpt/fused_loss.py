@@ -34,8 +34,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     megabytes, far more than a CPU's caches, and reading them back for the loss and again for its
     gradient is bound by memory bandwidth. Here the logits are made ROWS rows at a time (a chunk),
     and each group of rows whose float32 logits fill about SOFTMAX_BYTES is turned into its loss and
-    the loss's gradient while it is still in cache. That gradient is computed in the forward pass (it needs the same softmax) and
-    only scaled in the backward pass. Gradients that reach the returned logits (when something
+    the loss's gradient while it is still in cache. That gradient is computed in the forward pass (it
+    needs the same softmax) and only scaled in the backward pass. Gradients that reach the returned logits (when something
     besides the loss uses them) are handled too.
 
     Only the first vocab_size rows of weight are tokens: their logits beyond are -inf, so the padding

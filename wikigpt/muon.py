@@ -5,8 +5,8 @@ Where bf16 is native (CUDA, CPUs with AVX512-BF16 or AMX) that is the fast choic
 computes what torch's does, bit for bit, the matrices of one shape in batched products. A CPU
 without bf16 instructions emulates it: on an AMD EPYC with AVX2 only, bf16 products ran at 0.9
 GFLOP/s against 130 in float32, and torch's Muon took half of the quickstart's step
-(docs/benchmarks.md). There the run trains in float32 and so does the iteration here. The state (one momentum buffer per matrix) and the settings are torch's, so
-checkpoints hold the same names either way.
+(docs/benchmarks.md). There the run trains in float32 and so does the iteration here. The state (one
+momentum buffer per matrix) and the settings are torch's, so checkpoints hold the same names either way.
 """
 
 import math
@@ -73,14 +73,11 @@ def orthogonalise(matrix, coefficients, steps, eps, dtype):
     tall = matrix.size(-2) > matrix.size(-1)
     if tall:
         x = x.mT
-    if x.dim() == 2:
-        x.div_(x.norm().clamp(min=eps))  # spectral norm at most 1, where the iteration converges
-        for _ in range(steps):
-            gram = x @ x.T
-            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # a x + (b G + c G^2) x
-    else:
-        x.div_(x.norm(dim=(1, 2), keepdim=True).clamp(min=eps))
-        for _ in range(steps):
-            gram = x @ x.mT
-            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    one = x.dim() == 2  # one matrix (a sharded one too), else a stack
+    norm = x.norm() if one else x.norm(dim=(1, 2), keepdim=True)
+    x.div_(norm.clamp(min=eps))  # spectral norm at most 1, where the iteration converges
+    multiply_add = torch.addmm if one else torch.baddbmm  # beta * first + alpha * second @ third
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = multiply_add(x, multiply_add(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # a x + (b G + c G^2) x
     return x.mT if tall else x
