@@ -49,6 +49,7 @@ from wikigpt.files import atomic_write_bytes, atomic_write_json, file_sha256
 from wikigpt.shards import HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, ShardWriter, remove_pending_files
 from wikigpt.sources import clean_article, raw_articles
 from wikigpt.tokenizer import MAX_VOCAB_SIZE, R50K_SHA256, encoding_from_hf_json, gpt2_tokenizer, train_bpe
+from wikigpt.workers import ordered_results
 
 # ---- Cleaning and tokenising, in worker processes ----
 
@@ -79,10 +80,10 @@ def tokenize_batch(batch, min_chars, val_fraction):
     """Cleans and tokenises a batch of raw articles, each prefixed with <|endoftext|>.
 
     Returns (is_val, sizes, lengths, tokens): per-article lists ((characters, UTF-8 bytes) and token
-    counts, where length 0 marks an article dropped as
-    too short) and all tokens in one uint16 array. One array per batch, not one per article, keeps
-    the cost of sending results back between processes small. A literal "<|endoftext|>" inside an
-    article is encoded as ordinary text (encode_ordinary), so only our separator is the special token.
+    counts, where length 0 marks an article dropped as too short) and all tokens in one uint16 array.
+    One array per batch, not one per article, keeps the cost of sending results back between
+    processes small. A literal "<|endoftext|>" inside an article is encoded as ordinary text
+    (encode_ordinary), so only our separator is the special token.
     """
     encoder = WORKER_TOKENIZER
     is_val, sizes, lengths, ids = [], [], [], []
@@ -101,39 +102,13 @@ def tokenize_batch(batch, min_chars, val_fraction):
 
 
 def in_workers(work, tasks, config, tokenizer=False):
-    """(work(task, min_chars, val_fraction), source position) for each task of batched_tasks, in order,
-    computed by --workers processes, which start with use_tokenizer(tokenizer) unless it is False.
-    Workers run ahead by a bounded number of batches, so memory stays flat however large the source."""
-    initializer, initargs = (None, ()) if tokenizer is False else (use_tokenizer, (tokenizer,))
-    if config.workers == 1:
-        if initializer:
-            initializer(*initargs)
-        yield from ((work(task, config.min_chars, config.val_fraction), where) for task, where in tasks)
-        return
-    import collections
-    import multiprocessing
-
-    in_flight = collections.deque()
-    if tokenizer is None:
+    """(work(task, min_chars, val_fraction), source position) for each task of batched_tasks, in order, from
+    --workers processes (wikigpt/workers.py), which start with use_tokenizer(tokenizer) unless it is False."""
+    if tokenizer is None and config.workers > 1:
         gpt2_tokenizer()  # load (or fetch) once here, so that the forked workers inherit it
-    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    with context.Pool(config.workers, initializer=initializer, initargs=initargs) as pool:
-        try:
-            for task, where in tasks:
-                in_flight.append((pool.apply_async(work, (task, config.min_chars, config.val_fraction)), where))
-                if len(in_flight) >= 4 * config.workers:
-                    result, where = in_flight.popleft()
-                    yield result.get(), where
-            while in_flight:
-                result, where = in_flight.popleft()
-                yield result.get(), where
-        except GeneratorExit:
-            # The caller stopped early (--max-tokens reached). Leaving the block terminates the pool, which
-            # can wait for ever on its feeder thread if that is still writing a task to a worker: let the
-            # few tasks in flight finish first, so that it has nothing left to write.
-            for result, _ in in_flight:
-                result.wait()
-            raise
+    initializer, initargs = (None, ()) if tokenizer is False else (use_tokenizer, (tokenizer,))
+    args = (config.min_chars, config.val_fraction)
+    return ordered_results(work, tasks, config.workers, args, initializer, initargs)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Trains the model of transformer.py (today's block, or GPT-2's) on the token shards of gpt_dataset.py.
 
-    python gpt_train.py                                                         # the CPU quickstart, ~9 min
+    python gpt_train.py --time-limit 10                                         # the CPU quickstart, ~9 min
     python gpt_train.py --data data/wikipedia_en_20231101_gpt2 --preset gpt2    # one GPU
     torchrun --nproc_per_node=8 gpt_train.py --data ... --preset gpt2           # eight GPUs
     python gpt_train.py ... --resume                                            # continue a run
@@ -25,8 +25,8 @@ exits.
 What to expect: the defaults (today's block, --arch qwen3, at the `mini` size on the English sample
 with its own BPE of 16,384 ids, 2,000 steps of 2,048 tokens, Muon and a warmup-stable-decay schedule)
 take about 9 minutes on 2 cores of an AVX512-BF16 CPU (8.9 at 8,205 tokens/s on a slow hour of a Zen 4)
-and reach 1.387 bits per byte over the whole validation split (2,750 steps: 1.388, the sample read too
-often). How those defaults were chosen, and measured speeds of the step, are in docs/benchmarks.md.
+and reach 1.387 bits per byte over the whole validation split; --time-limit 10 trains fewer steps where
+they would not fit (wikigpt/budget.py). How the defaults were chosen, and speeds, are in docs/benchmarks.md.
 """
 
 import math
@@ -38,6 +38,7 @@ from loguru import logger
 
 from transformer import GPT, GPTConfig, config_from_preset
 from wikigpt import convert
+from wikigpt.budget import TimeBudget
 from wikigpt.checkpoint import TrainingState, gather_rng_states, prune_checkpoints, restore_checkpoint, save_checkpoint
 from wikigpt.cli import CheckpointError, UsageError, flag, parse_config, run_cli
 from wikigpt.monitor import TRACKERS, Monitor, import_tracker, start_console_log
@@ -72,6 +73,7 @@ class TrainConfig:
     rope_theta: float | None = None  # override the rotary base
     init_from: str | None = None  # start from a Hugging Face GPT-2 directory or hub name instead of random weights
     max_steps: int = 2000  # optimizer steps in the whole run
+    time_limit: float = 0.0  # minutes for the whole run: fewer steps if the measured pace needs it (0: no limit)
     batch_size: int = 16  # sequences per micro-batch per process
     tokens_per_step: int | None = None  # tokens per optimizer step over all processes; sets accumulation
     optimizer: str = "muon"  # muon: Muon for the blocks' matrices and AdamW for the rest; or adamw for all
@@ -178,8 +180,9 @@ def resolve_config(config, world_size):
     if config.optimizer not in ("adamw", "muon") or config.schedule not in ("cosine", "wsd"):
         raise UsageError(f"--optimizer must be adamw or muon and --schedule cosine or wsd, got "
                          f"{config.optimizer!r} and {config.schedule!r}")
-    if not 0 <= config.cooldown_frac <= 1 or config.final_eval_tokens < 0 or config.z_loss < 0:
-        raise UsageError("--cooldown-frac must be between 0 and 1; --final-eval-tokens and --z-loss >= 0")
+    if not (0 <= config.cooldown_frac <= 1 and config.final_eval_tokens >= 0 and config.z_loss >= 0
+            and config.time_limit >= 0):  # written so that NaN fails too
+        raise UsageError("--cooldown-frac must be between 0 and 1; --final-eval-tokens, --z-loss and --time-limit >= 0")
     if config.tracker not in TRACKERS:
         raise UsageError(f"--tracker must be one of {', '.join(TRACKERS)}, got {config.tracker!r}")
     import_tracker(config.tracker)  # a missing package fails now, not after the model is built
@@ -354,7 +357,11 @@ def set_up(config):
     val = ValidationSplit(TokenWindows(val_shards, T, B, seed=config.seed, rank=rank, world_size=world_size,
                                        shuffle=False), torch.tensor(token_byte_lengths(tokenizer), device=device))
     if checkpoint:
-        restore_checkpoint(checkpoint, state, run)
+        saved = restore_checkpoint(checkpoint, state, run)["train_config"]
+        if state.planned_steps and config.time_limit == saved.get("time_limit"):  # the steps that limit chose
+            config.max_steps = min(config.max_steps, state.planned_steps)
+        else:
+            state.planned_steps = None  # no limit now, or another: --max-steps holds
     monitor = Monitor(config, run, tokenizer, flops_per_token=model.flops_per_token(T),
                       train_bytes_per_token=bytes_per_token(config.data, "train"))
     if run.master:
@@ -394,21 +401,29 @@ def clip_and_step(state, loss, lr, grad_clip):
 
 def main(argv=None):
     config = parse_config(TrainConfig, argv, description=__doc__.split("\n\n")[0])
+    budget = TimeBudget(config.time_limit)  # --time-limit counts from here
     run, state, (model, eval_model), val_split, monitor = set_up(config)
     eval_batches = fixed_batches(val_split.windows, config.batch_size, config.eval_steps, run)
+    final_batches = whole_split_batches(val_split.windows, config.batch_size, config.final_eval_tokens, run)
+    final_share = len(final_batches) / max(1, len(eval_batches)) if config.final_eval_tokens else 0  # in evaluations
     stop, start_step, bad_steps, whole = StopSignal(), state.step, 0, None
     try:
         model.train()
         while True:
+            if budget.due(state.step, config, start_step):  # --time-limit: as many steps as the pace allows
+                planned = budget.plan(state.step, config, monitor.step_times, final_share, run)
+                if planned < config.max_steps:  # recorded in checkpoints, for a resumed run to keep
+                    config.max_steps = state.planned_steps = planned
             last, val = state.step == config.max_steps, None
             stopping = run.any_process(stop.received is not None)  # every process stops at the same step
             if (state.step % config.eval_interval == 0 or last) and not stopping:
+                eval_started = run.clock()
                 val = evaluate(eval_model, val_split, eval_batches, run)
                 state.best_val_loss = val.loss if state.best_val_loss is None else min(state.best_val_loss, val.loss)
                 if last and config.final_eval_tokens:  # the run's result: every window of the split
-                    batches = whole_split_batches(val_split.windows, config.batch_size, config.final_eval_tokens, run)
-                    whole = evaluate(eval_model, val_split, batches, run)
+                    whole = evaluate(eval_model, val_split, final_batches, run)
                 monitor.evaluation(state.step, val, whole, state.model)
+                budget.evaluated(run.clock() - eval_started)
             if (state.step % config.ckpt_interval == 0 and state.step > start_step) or last or stopping:
                 rng = gather_rng_states(run)  # every process takes part in gathering them
                 path = save_checkpoint(config.out_dir, state, val_loss=val.loss if val else None, rng=rng, run=run)
@@ -441,6 +456,7 @@ def main(argv=None):
             else:
                 monitor.skipped_update_or_stop(state.step, bad_steps, loss, norm)  # stops the run at --max-bad-steps
         monitor.end(state.step, stop.received if stopping else None, whole)
+        run.barrier()  # the processes leave their group together, with no collective still in flight
     finally:
         stop.restore()
         leave_process_group()

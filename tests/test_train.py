@@ -20,6 +20,7 @@ import gpt_dataset
 import gpt_train
 from conftest import FAST_TRAINING, ROOT, assert_one_clear_error, run_script, script
 from gpt_train import lr_at
+from wikigpt.budget import steps_that_fit
 from transformer import GPT, config_from_preset
 from wikigpt import checkpoint
 from wikigpt.cli import UsageError
@@ -358,12 +359,53 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(sample_dir, tmp_path, sig):
     (["--optimizer", "sgd"], "--optimizer must be adamw or muon"),
     (["--schedule", "linear"], "--schedule cosine or wsd"),
     (["--cooldown-frac", "1.5"], "--cooldown-frac must be between 0 and 1"),
-    (["--z-loss", "-1"], "--z-loss >= 0"),
+    (["--z-loss", "-1"], "--z-loss and --time-limit >= 0"),
+    (["--time-limit", "-5"], "--time-limit >= 0"),
     (["--tracker", "mlflow"], "--tracker must be one of none, tensorboard, wandb"),
 ])
 def test_bad_input_gets_one_clear_line(sample_dir, tmp_path, args, message):
     result = run_script("gpt_train.py", ["--data", sample_dir, "--out-dir", str(tmp_path / "run"), *FAST, *args])
     assert_one_clear_error(result, message)
+
+
+def test_the_steps_that_fit_a_time_limit():
+    fit = functools.partial(steps_that_fit, step=10, max_steps=1000, step_seconds=1.0, eval_seconds=5.0,
+                            final_eval_seconds=20.0, eval_interval=25)
+    # 75 steps: 65 more steps, evaluations at 25, 50 and 75 (the last), the final one: 65 + 15 + 20 = 100 s;
+    # 74: 64 + 15 + 20 = 99 s; 76 adds a step and an evaluation (106 s)
+    assert (fit(99.9), fit(100.0), fit(105.9), fit(106.0)) == (74, 75, 75, 76)
+    assert fit(1e9) == 1000 and fit(-5.0) == 11  # never more than --max-steps; at least one more step
+    # from step 0, whose evaluation counts: 9 steps and evaluations at 0, 5 and 9 take 12 s; 10 steps 13 s
+    assert steps_that_fit(12.0, step=0, max_steps=10, step_seconds=1.0, eval_seconds=1.0, final_eval_seconds=0.0,
+                          eval_interval=5) == 9
+
+
+def test_a_time_limit_lowers_max_steps_at_the_end_of_warmup_and_a_resume_keeps_it(sample_dir, tmp_path):
+    run = tmp_path / "run"
+    # A limit that any machine has used up by the end of warmup (10 timed steps, as FAST warms up for 2):
+    # the plan can only keep the one step that must follow.
+    train(sample_dir, run, "--max-steps", "40", "--ckpt-interval", "5", "--time-limit", "1e-6")
+    rows = metrics(run)
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 12))
+    assert rows[-1]["step"] == 11 and "whole_val_loss" in rows[-1]  # the run ended as a run does
+    final = checkpoint.checkpoints_in(str(run))[-1]
+    assert final.endswith("ckpt_0000011")
+    recorded = checkpoint.read_trainer_state(final)
+    assert recorded["planned_steps"] == 11 and recorded["train_config"]["max_steps"] == 40
+    # Resumed from step 10 with the same command, it keeps the 11 steps its plan chose (and plans no
+    # more: warmup is behind it), bit for bit; without --time-limit, --max-steps holds again.
+    for limit, steps in (["--time-limit", "1e-6"], 11), ([], 13):
+        resumed = tmp_path / f"resumed{steps}"
+        resumed.mkdir()
+        shutil.copytree(run / "ckpt_0000010", resumed / "ckpt_0000010")
+        train(sample_dir, resumed, "--max-steps", "40" if limit else "13", "--ckpt-interval", "5", *limit, "--resume")
+        assert checkpoint.checkpoints_in(str(resumed))[-1].endswith(f"ckpt_{steps:07d}")
+    original, again = weights(run / "ckpt_0000011"), weights(tmp_path / "resumed11" / "ckpt_0000011")
+    assert all(torch.equal(original[k], again[k]) for k in original)
+    assert checkpoint.read_trainer_state(str(tmp_path / "resumed13" / "ckpt_0000013"))["planned_steps"] is None
+    # A limit that is not reached changes nothing.
+    train(sample_dir, tmp_path / "roomy", "--max-steps", "12", "--time-limit", "600")
+    assert checkpoint.checkpoints_in(str(tmp_path / "roomy"))[-1].endswith("ckpt_0000012")
 
 
 def test_a_finished_run_is_not_overwritten(sample_dir, tmp_path):
@@ -548,7 +590,7 @@ def test_resume_follows_a_dataset_that_moved(sample_dir, reference_run, tmp_path
 def test_the_quickstart_runs_twice_in_the_same_folder(bpe_sample_dir, tmp_path):
     """The one-liner again: a new run beside the first, which infer.py then finds; --resume continues it."""
     shutil.copytree(bpe_sample_dir, tmp_path / "data" / "sample_en_bpe16384")
-    train_args = [*FAST_TRAINING, "--sample-tokens", "0", "--max-steps", "2"]
+    train_args = [*FAST_TRAINING, "--sample-tokens", "0", "--time-limit", "10", "--max-steps", "2"]
     for attempt in (1, 2):
         for name, args in [("gpt_dataset.py", ["--source", "sample"]), ("gpt_train.py", train_args),
                            ("infer.py", ["--input", "The history of", "--max-new-tokens", "5"])]:

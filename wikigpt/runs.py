@@ -45,9 +45,9 @@ def choose_run_dir(config):
 # directory may move (another machine, another mount), as long as it holds the same shards. The number
 # of processes may change too: the global batch and the data position do not depend on it. --fsdp may
 # not: a sharded checkpoint holds its training state in another format than an unsharded one.
-MAY_CHANGE_ON_RESUME = ("data", "out_dir", "resume", "max_steps", "eval_interval", "eval_steps", "final_eval_tokens",
-                        "ckpt_interval", "keep_last", "sample_tokens", "compile", "reuse_memory", "dtype", "device",
-                        "max_bad_steps", "verify_data", "activation_checkpointing")
+MAY_CHANGE_ON_RESUME = ("data", "out_dir", "resume", "max_steps", "time_limit", "eval_interval", "eval_steps",
+                        "final_eval_tokens", "ckpt_interval", "keep_last", "sample_tokens", "compile", "reuse_memory",
+                        "dtype", "device", "max_bad_steps", "verify_data", "activation_checkpointing")
 
 
 def recorded_setting(run_dir, name):
