@@ -29,7 +29,7 @@ Measured speed is in docs/benchmarks.md.
 This file holds the flow: settings, cleaning and tokenising in parallel, training the tokenizer,
 filling the shards with progress records, main. The sources and the wikitext cleaning are in
 wikigpt/sources.py, the BPE and its files in wikigpt/tokenizer.py, the shard format, its writer and
-its reader (which gpt_train.py uses) in wikigpt/shards.py.
+its reader (which gpt_train.py uses) in wikigpt/shards.py, the pool of worker processes in wikigpt/workers.py.
 """
 
 import glob
