@@ -141,6 +141,24 @@ def test_end_to_end_run_learns_logs_plots_and_saves_loadable_checkpoints(sample_
         torch.testing.assert_close(hf(idx).logits, ours(idx)[0][..., :50257], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("interval_s", [0, 10**9])
+def test_plots_are_redrawn_at_most_every_interval_and_always_with_the_last_rows(sample_dir, tmp_path, monkeypatch,
+                                                                              interval_s):
+    from wikigpt import monitor
+
+    drawn = []  # the rows of metrics.jsonl at each drawing
+    monkeypatch.setattr(monitor, "plot_metrics", lambda path, png: drawn.append(len(open(path).readlines())))
+    monkeypatch.setattr(monitor, "PLOT_INTERVAL_S", interval_s)
+    run = tmp_path / "run"
+    train(sample_dir, run, "--max-steps", "30", "--eval-interval", "10", "--sample-tokens", "0")
+    rows = open(run / "metrics.jsonl").readlines()
+    evaluations = sum("val_loss" in r for r in rows)
+    assert evaluations == 4 and drawn[-1] == len(rows)  # at steps 0, 10, 20 and 30
+    # Every evaluation draws when the interval is 0 (the end then has nothing new); otherwise only the
+    # first one does, and the end draws the rest.
+    assert len(drawn) == (evaluations if interval_s == 0 else 2)
+
+
 def test_the_result_is_the_loss_over_the_whole_validation_split(sample_dir, tmp_path):
     run = tmp_path / "run"
     train(sample_dir, run, "--max-steps", "3", "--dtype", "float32", "--final-eval-tokens", "10000000")

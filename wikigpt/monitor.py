@@ -12,6 +12,7 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import asdict
 
 import numpy as np
@@ -53,8 +54,6 @@ def matmul_rate(dtype, sizes=(512, 1024, 2048), repeats=5):
     torch uses: what a training step's matrix products could reach (2 n^3 FLOPs each; the first
     product of each size, which warms the kernels up, is not counted). A shared VM's rate moves by
     10-20% from second to second, so the best of several is its peak. About 0.6 s on 2 cores."""
-    import time
-
     best, generator = 0.0, torch.Generator().manual_seed(0)  # its own: the run's RNG state is left as it was
     for n in sizes:
         a, b = (torch.randn(n, n, generator=generator).to(dtype) for _ in range(2))
@@ -102,8 +101,10 @@ class MetricsLog:
 
     def __init__(self, path, tracker=None):
         self.path, self.tracker = path, tracker
+        self.rows_appended = 0  # by this process
 
     def append(self, row):
+        self.rows_appended += 1
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tracker:
@@ -147,6 +148,11 @@ def open_tracker(name, settings, run_dir):
     module.init(project=os.environ.get("WANDB_PROJECT", "wikigpt"), name=os.path.basename(os.path.abspath(run_dir)),
                 id=run_id, resume="allow", config=settings, dir=run_dir)
     return lambda metrics, step: module.log(metrics, step=step)
+
+
+# Drawing the plots takes about a third of a second on a CPU: with evaluations every few seconds (a
+# short --eval-interval, a fast GPU) they are redrawn at most this often, and always at the end.
+PLOT_INTERVAL_S = 30
 
 
 def plot_metrics(metrics_path, png_path):
@@ -215,6 +221,7 @@ class Monitor:
         self.train_bytes_per_token = train_bytes_per_token  # of the training split, from its manifest
         self.metrics = MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"))
         self.plots = os.path.join(config.out_dir, "plots.png")
+        self.plotted = None  # (rows appended, clock) at the last drawing of the plots
         self.step_times = []
 
     def open_tracker(self):
@@ -291,12 +298,18 @@ class Monitor:
         self.metrics.append(row)
         if sample is not None:
             logger.info(f"sample: {sample!r}")
+        if self.plotted is None or time.monotonic() - self.plotted[1] >= PLOT_INTERVAL_S:
+            self.plot()
+
+    def plot(self):
         plot_metrics(self.metrics.path, self.plots)
+        self.plotted = (self.metrics.rows_appended, time.monotonic())
 
     def end(self, step, stopped_by, whole):
         if not self.run.master:
             return
-        plot_metrics(self.metrics.path, self.plots)
+        if self.plotted is None or self.plotted[0] != self.metrics.rows_appended:  # rows the plots lack
+            self.plot()
         if stopped_by:
             logger.info(f"stopped by {stopped_by} at step {step}; continue with the same command and --resume")
             return
