@@ -278,7 +278,8 @@ class Monitor:
 
     def evaluation(self, step, val, whole, model):
         """Logs the validation loss of the fixed batches (`val`) and, at the end, of the whole split
-        (`whole`, or None), appends them to metrics.jsonl, prints a text sample and redraws the plots."""
+        (`whole`, or None), appends them to metrics.jsonl, prints a text sample and redraws the plots
+        if PLOT_INTERVAL_S have passed since they were last drawn."""
         sample = None
         if self.config.sample_tokens and (self.run.master or self.run.sharded):
             model.eval()
