@@ -12,7 +12,8 @@ JSON and safetensors only, so a downloaded checkpoint cannot run code on this ma
 Checkpoints are found as wikigpt/checkpoint.py describes their layout, and loaded by
 transformer.GPT.from_pretrained, the one loading path that training (--resume, --init-from) uses too.
 The generated ids become text in wikigpt/generation.py, which the trainer's samples share;
---quantize int8 is wikigpt/quantize.py, --export-gguf wikigpt/export_gguf.py.
+CPU decoding's float16 weights (the default there) and --quantize int8 are wikigpt/quantize.py,
+--export-gguf wikigpt/export_gguf.py.
 """
 
 import glob
@@ -28,7 +29,7 @@ from wikigpt.checkpoint import best_checkpoint
 from wikigpt.cli import UsageError, parse_config, run_cli
 from wikigpt.export_gguf import OUT_TYPES, write_gguf
 from wikigpt.generation import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, check_sampling, generate_text
-from wikigpt.quantize import quantize_int8, spread_matvecs
+from wikigpt.quantize import half_linears, quantize_int8, spread_matvecs
 from wikigpt.runs import newest_run
 from wikigpt.runtime import check_dtype_name, inference_weight_dtype, pick_device
 from wikigpt.tokenizer import check_tokenizer_fits, model_tokenizer
@@ -46,7 +47,7 @@ class InferConfig:
     num_samples: int = 1  # independent continuations of the prompt
     seed: int = 1337  # same seed, same text
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
-    dtype: str = "auto"  # weights: auto (bfloat16 on CUDA and for int8, float32 on a CPU), float32, bfloat16
+    dtype: str = "auto"  # weights: auto (bfloat16 on CUDA and for int8, float16 on a CPU), float32, bfloat16, float16
     quantize: str = "none"  # none, or int8: weight-only int8 (half bf16's bytes per token; PyTorch's own kernel)
     stop_at_eot: bool = True  # end a sample at <|endoftext|>, where the model starts a new article
     cache: bool = True  # use the key/value cache (--no-cache recomputes the whole context every token)
@@ -77,10 +78,15 @@ def resolve_checkpoint(checkpoint, runs_dir):
 
 
 def load_model(path_or_name, device, dtype=torch.float32, quantize="none"):
-    """A model ready for inference: weights from safetensors, config from JSON, checked before use; its
-    linear layers int8 with quantize="int8", else in float32 on a CPU spread over the cores (wikigpt/quantize.py)."""
-    model = GPT.from_pretrained(path_or_name).to(device=device, dtype=dtype).eval()
-    return quantize_int8(model) if quantize == "int8" else spread_matvecs(model)
+    """A model ready for inference: weights from safetensors, config from JSON, checked before use. Its
+    linear layers int8 with quantize="int8"; on a CPU, float16 ones in an otherwise float32 model, or
+    float32 ones spread over the cores (wikigpt/quantize.py)."""
+    model = GPT.from_pretrained(path_or_name).eval()
+    if quantize == "int8":
+        return quantize_int8(model.to(device=device, dtype=dtype))
+    if device.type == "cpu" and dtype == torch.float16:
+        return half_linears(model.to(device=device, dtype=torch.float32))
+    return spread_matvecs(model.to(device=device, dtype=dtype))
 
 
 def load_tokenizer(directory):

@@ -1,11 +1,13 @@
-"""Weight-only int8 against the model's own weights on real text: does it write the same and score the same?
+"""Rounded weights against the model's own on real text: do int8 or float16 write the same and score the same?
 
-    python bench/bench_quantize.py --checkpoint runs/mini --data data/sample_en_bpe16384
+    python bench/bench_quantize.py --checkpoint runs/mini --data data/sample_en_bpe16384 [--weights float16]
 
 For --prompts articles of the validation split (held out from training), the first --prompt-tokens
-tokens after <|endoftext|> are continued greedily for --new-tokens tokens by the reference model (in
-the dtype of int8's activations: bf16 unless --dtype says otherwise) and by its int8 copy (infer.py
---quantize int8), so that the two differ by the rounding of the weights alone; the table
+tokens after <|endoftext|> are continued greedily for --new-tokens tokens by the reference model and by
+its rounded copy: with --weights int8 (infer.py --quantize int8) the reference is in the dtype of int8's
+activations (bf16 unless --dtype says otherwise); with --weights float16 (infer.py --dtype float16, on a
+CPU float16 matrices in a float32 model) it is float32. Either way the two differ by the rounding of
+the weights alone; the table
 gives how many of the new tokens agree before the first difference and in all. Then both score the
 whole validation split (every non-overlapping window at the model's context): the mean
 log-likelihood per token of each and their difference. Greedy decoding amplifies one flipped
@@ -54,36 +56,41 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
     parser.add_argument("--data", required=True, help="the dataset the checkpoint was trained on")
+    parser.add_argument("--weights", default="int8", choices=["int8", "float16"], help="the rounded copy's weights")
     parser.add_argument("--dtype", default="auto",
-                        help="the reference's weights and int8's activations: auto, float32, bfloat16")
+                        help="with int8: the reference's weights and int8's activations: auto, float32, bfloat16")
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
 
     device = pick_device("cpu")
-    dtype = inference_weight_dtype(args.dtype, device, "int8")  # int8's activations, and the reference's weights
     path, _ = resolve_checkpoint(args.checkpoint, "runs")
-    reference, int8 = load_model(path, device, dtype), load_model(path, device, dtype, quantize="int8")
+    if args.weights == "int8":
+        dtype = inference_weight_dtype(args.dtype, device, "int8")  # int8's activations, and the reference's weights
+        reference, rounded = load_model(path, device, dtype), load_model(path, device, dtype, quantize="int8")
+    else:
+        dtype = torch.float32  # around the float16 matrices
+        reference, rounded = load_model(path, device), load_model(path, device, torch.float16)
     tokenizer = model_tokenizer(path)
     eot = tokenizer.eot_token
     val = np.concatenate(open_split(args.data, "val"))
-    print(f"{path}: reference weights {str(dtype)[6:]}, int8 activations {str(dtype)[6:]}; {args.prompts} "
+    print(f"{path}: reference weights {str(dtype)[6:]}, {args.weights} activations {str(dtype)[6:]}; {args.prompts} "
           f"validation articles, {args.prompt_tokens} prompt tokens, {args.new_tokens} greedy tokens")
     agreed_prefix, agreed_tokens, total = [], 0, 0
     for prompt in article_openings(val, eot, args.prompts, args.prompt_tokens):
-        a, b = greedy(reference, prompt, args.new_tokens), greedy(int8, prompt, args.new_tokens)
+        a, b = greedy(reference, prompt, args.new_tokens), greedy(rounded, prompt, args.new_tokens)
         agreed_prefix.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)))
         agreed_tokens, total = agreed_tokens + sum(x == y for x, y in zip(a, b)), total + len(a)
     exact = sum(p == args.new_tokens for p in agreed_prefix)
     likelihood = {name: -whole_split_loss(model, args.data, tokenizer)
-                  for name, model in (("reference", reference), ("int8", int8))}
+                  for name, model in (("reference", reference), ("rounded", rounded))}
     print("| continuations identical | mean tokens before the first difference | tokens equal | "
-          "log-likelihood reference | int8 | difference (nats/token) |")
+          f"log-likelihood reference | {args.weights} | difference (nats/token) |")
     print("|---|---|---|---|---|---|")
     print(f"| {exact} of {len(agreed_prefix)} | {np.mean(agreed_prefix):.1f} of {args.new_tokens} | "
-          f"{agreed_tokens / total:.1%} | {likelihood['reference']:.4f} | {likelihood['int8']:.4f} | "
-          f"{likelihood['int8'] - likelihood['reference']:+.4f} |")
+          f"{agreed_tokens / total:.1%} | {likelihood['reference']:.4f} | {likelihood['rounded']:.4f} | "
+          f"{likelihood['rounded'] - likelihood['reference']:+.4f} |")
 
 
 if __name__ == "__main__":

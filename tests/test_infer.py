@@ -241,31 +241,97 @@ def test_int8_decoding_stops_at_end_of_text(tmp_path):
     assert kept.startswith("<|endoftext|>") and len(kept) > len("<|endoftext|>")  # and goes on past it
 
 
+@pytest.mark.parametrize("weights", [["--quantize", "int8", "--dtype", "bfloat16"], ["--dtype", "float16"]])
 @pytest.mark.parametrize("data", ["sample_dir", "bpe_sample_dir"])
-def test_int8_decodes_a_trained_checkpoint_of_each_tokenizer(data, request, tmp_path):
+def test_int8_and_float16_decode_a_trained_checkpoint_of_each_tokenizer(data, weights, request, tmp_path):
     import gpt_train
 
     run = tmp_path / "run"
     gpt_train.main(["--data", request.getfixturevalue(data), "--out-dir", str(run), "--preset", "tiny", "--block-size",
                     "32", "--batch-size", "4", "--max-steps", "3", "--sample-tokens", "0", "--eval-steps", "1",
                     "--final-eval-tokens", "2048", "--arch", "qwen3"])
-    result = run_infer(["--checkpoint", str(run), "--input", "The city", "--max-new-tokens", "40", "--quantize", "int8",
-                        "--dtype", "bfloat16", "--no-stop-at-eot"])
+    result = run_infer(["--checkpoint", str(run), "--input", "The city", "--max-new-tokens", "40", "--no-stop-at-eot",
+                        *weights])
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("The city") and len(result.stdout) > len("The city") + 20
 
 
-def test_the_automatic_weight_dtype_is_float32_on_a_cpu_and_gives_int8_bf16_activations(monkeypatch):
+def test_the_automatic_weight_dtype_is_float16_on_a_cpu_with_fbgemm_and_gives_int8_bf16_activations(monkeypatch):
     from wikigpt import runtime
 
     cpu = torch.device("cpu")
     assert runtime.inference_weight_dtype("auto", cpu, "int8") == torch.bfloat16  # int8's fast kernel
     assert runtime.inference_weight_dtype("float32", cpu, "int8") == torch.float32  # asked for: as asked
     assert runtime.inference_weight_dtype("bfloat16", cpu) == torch.bfloat16
-    for fast_bf16 in (False, True):  # with or without bf16 instructions: float32 over every core decodes faster
-        monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: fast_bf16)
-        assert runtime.inference_weight_dtype("auto", cpu) == torch.float32
+    assert runtime.inference_weight_dtype("auto", cpu) == torch.float16  # fbgemm's kernel, present on x86
+    monkeypatch.setattr(runtime, "half_kernel_error", lambda: "RuntimeError: no fbgemm")  # as on ARM
+    assert runtime.inference_weight_dtype("auto", cpu) == torch.float32
     assert runtime.inference_weight_dtype("auto", torch.device("cuda")) == torch.bfloat16
+
+
+# ---- float16 weights on a CPU (fbgemm's kernel, float32 activations) ----
+
+def rounded_to_float16(model):
+    """A float32 copy of the model whose linear layers' weights are rounded to float16 and back; a tied
+    head gets its own rounded copy, the embedding keeps its rows (as HalfLinear does)."""
+    import copy
+
+    rounded = copy.deepcopy(model)
+    rounded.lm_head.weight = torch.nn.Parameter(rounded.lm_head.weight.detach().clone())
+    with torch.no_grad():
+        for linear in (m for m in rounded.modules() if isinstance(m, torch.nn.Linear)):
+            linear.weight.copy_(linear.weight.half().float())
+    return rounded
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen3"])
+def test_float16_decoding_on_a_cpu_multiplies_the_float16_rounded_weights(arch, tmp_path):
+    """infer.load_model with float16 on a CPU: every linear layer (the tied head included) becomes a
+    HalfLinear around fbgemm's kernel; logits equal float32 products of the float16-rounded weights, up to
+    summation order, and differ from the unrounded model's; greedy tokens, cached or not, are the rounded
+    model's; the embedding, norms and cache stay float32."""
+    from transformer import config_from_preset
+    from wikigpt.quantize import HalfLinear
+
+    torch.manual_seed(0)
+    GPT(config_from_preset("tiny", arch)).save_pretrained(tmp_path)
+    plain = GPT.from_pretrained(tmp_path).eval()
+    reference = rounded_to_float16(plain)
+    half = infer.load_model(tmp_path, torch.device("cpu"), torch.float16)
+    linears = [m for m in half.modules() if isinstance(m, HalfLinear)]
+    assert len(linears) == 4 * 2 + 1 and not any(isinstance(m, torch.nn.Linear) for m in half.modules())
+    assert half.transformer.wte.weight.dtype == torch.float32
+    idx = torch.randint(0, 50257, (2, 12))
+    with torch.no_grad():
+        logits, expected, unrounded = half(idx)[0], reference(idx)[0], plain(idx)[0]
+    assert logits.dtype == torch.float32 and logits.shape == (2, 12, 50304)
+    assert torch.isneginf(logits[..., 50257:]).all()
+    torch.testing.assert_close(logits[..., :50257], expected[..., :50257], rtol=1e-5, atol=1e-5)
+    assert (logits[..., :50257] - unrounded[..., :50257]).abs().max() > 1e-6  # the rounding is really there
+    greedy = [torch.stack(list(m.generate(idx[:1, :4], 80, temperature=0)), dim=1) for m in (reference, half)]
+    assert torch.equal(*greedy)  # 80 tokens: past the context of 64, so the cache slides too
+    recomputed = torch.stack(list(half.generate(idx[:1, :4], 30, temperature=0, use_cache=False)), dim=1)
+    assert torch.equal(recomputed, greedy[0][:, :30])
+
+
+def test_float16_refuses_weights_beyond_its_range_and_a_missing_kernel_in_one_line(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16))
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = 1e5  # float16 ends at 65,504
+    model.save_pretrained(tmp_path / "wide")
+    with pytest.raises(UsageError, match="--dtype float16: this model has weights beyond float16's range .* use --dtype float32"):
+        infer.main(["--checkpoint", str(tmp_path / "wide"), "--input", "x", "--dtype", "float16"])
+
+    def missing(*args):
+        raise RuntimeError("no fbgemm here")
+
+    monkeypatch.setattr(torch.ops.quantized, "linear_dynamic_fp16", missing)
+    with pytest.raises(UsageError, match=r"--dtype float16 on a CPU needs fbgemm's float16 kernel, .*no fbgemm here.*; "
+                                         "use --dtype float32"):
+        infer.main(["--checkpoint", save_tiny(tmp_path / "tiny"), "--input", "x", "--dtype", "float16"])
+    result = infer.main(["--checkpoint", save_tiny(tmp_path / "tiny"), "--input", "x", "--max-new-tokens", "2"])
+    assert result is None  # auto falls back to float32 without the kernel
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "qwen3"])

@@ -1,13 +1,17 @@
-"""Decoding's linear layers on a CPU: float32 matrix-vector products spread over every core, and
-weight-only int8, each weight row stored as int8 with one scale and multiplied by PyTorch's own int8
-kernel (torch.ops.aten._weight_int8pack_mm).
+"""Decoding's linear layers on a CPU: float16 weights multiplied by fbgemm's half-precision kernel
+(infer.py's default there), float32 matrix-vector products spread over every core, and weight-only int8,
+each weight row stored as int8 with one scale and multiplied by PyTorch's own int8 kernel
+(torch.ops.aten._weight_int8pack_mm).
 
 Used by infer.py (load_model, and --quantize int8). Decoding one token at batch 1 reads every weight
 once and does little arithmetic on each, so its speed is set by the bytes of weights read per token
 and by how fast the kernel reads them. PyTorch's float32 product of one vector with a matrix runs on
 one core, at about half of what two cores read (docs/benchmarks.md); the same rows cut into one slice
 per core and multiplied in one batched call (torch.bmm, which gives each slice a core) read about twice
-as fast, the same sums in another order. int8 halves bf16's bytes and quarters float32's. With int8,
+as fast, the same sums in another order. fbgemm's float16 kernel (PyTorch's quantized::linear_dynamic_fp16,
+x86 only) reads half of float32's bytes at the memory's own rate on every core and sums in float32, so
+with float16 weights the activations, norms and cache stay float32; PyTorch's bf16 kernel reads at half
+that rate. int8 halves float16's bytes, but its kernel is bound by its arithmetic. With int8,
 activations, the token embedding (a lookup), the norms and the key/value cache keep the model's
 dtype; each weight row w becomes round(w / s) with s = max|w| / 127, so the largest entry of every row
 is exact and the others are off by at most s / 2. docs/benchmarks.md gives the speeds and the
@@ -60,6 +64,48 @@ def quantize_int8(model):
         for name, child in parent.named_children():
             if isinstance(child, nn.Linear):
                 setattr(parent, name, Int8Linear(child, dtype).to(device))
+    return model
+
+
+class HalfLinear(nn.Module):
+    """An nn.Linear whose weight is stored in float16, packed for fbgemm's kernel, which multiplies float32
+    activations by it and sums in float32: the product of the float16-rounded weight, bias added."""
+
+    def __init__(self, linear):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        if weight.abs().max() > torch.finfo(torch.float16).max:  # fbgemm would clamp them
+            raise UsageError("--dtype float16: this model has weights beyond float16's range (65,504); "
+                             "use --dtype float32")
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        self.packed = torch.ops.quantized.linear_prepack_fp16(weight, bias)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x):
+        return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+
+
+def half_kernel_error():
+    """None where fbgemm's float16 kernel runs on this machine's CPU, else why not (ARM has no fbgemm)."""
+    try:
+        packed = torch.ops.quantized.linear_prepack_fp16(torch.ones(8, 32), None)
+        torch.ops.quantized.linear_dynamic_fp16(torch.ones(1, 32), packed)
+    except (AttributeError, RuntimeError, NotImplementedError) as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no kernel'}"
+    return None
+
+
+def half_linears(model):
+    """Replaces, in place, every nn.Linear of a float32 model on a CPU (the blocks' projections and the
+    head) by a HalfLinear. A tied head gets a float16 copy; the embedding keeps its float32 rows."""
+    error = half_kernel_error()
+    if error:
+        raise UsageError(f"--dtype float16 on a CPU needs fbgemm's float16 kernel, which this PyTorch "
+                         f"({torch.__version__}) lacks here ({error}); use --dtype float32")
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, HalfLinear(child))
     return model
 
 

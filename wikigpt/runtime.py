@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from wikigpt.cli import UsageError
+from wikigpt.quantize import half_kernel_error
 
 # ---- Devices and dtypes ----
 
@@ -80,16 +81,19 @@ def training_autocast_dtype(requested, device):
 
 def inference_weight_dtype(requested, device, quantize="none"):
     """The dtype of the weights for inference (with quantize="int8", of the activations and of all
-    but the int8 matrices). Decoding is bound by how fast the weights are read, so bf16 weights, half
-    the bytes, should be twice as fast; on CUDA they are. On the CPUs measured, float32 decodes faster:
-    its products of one vector run over every core (wikigpt/quantize.py, spread_matvecs) while bf16's
-    kernel reads slowly (GPT-2 124M on a Zen 4 with AVX512-BF16: 44 against 35 tokens/s; on a Sapphire
-    Rapids bf16 read at 18 GB/s where float32 reached 30 on one core; without bf16 instructions bf16 is
-    emulated, and a prompt crawls through its products at 0.9 GFLOP/s). PyTorch's int8 kernel is fast
-    with bf16 activations only (GPT-2's int8 head in 4.1 ms with bf16 ones, 24.8 with float32 ones on
-    an AVX2 EPYC), so auto gives int8 bf16 activations. docs/benchmarks.md has the tables."""
+    but the int8 matrices). Decoding is bound by how fast the weights are read, so 16-bit weights, half
+    the bytes, should be twice as fast as float32; on CUDA bf16 is. On a CPU, PyTorch's bf16 kernel
+    reads slowly (GPT-2 124M on a Zen 4 with AVX512-BF16: 15.7 GB/s where the memory gives 32; on a
+    Sapphire Rapids 18 GB/s; without bf16 instructions bf16 is emulated), while fbgemm's float16
+    kernel reads at the memory's own rate (28.8 GB/s on that Zen 4), so auto takes float16 weights
+    there (float32 activations, wikigpt/quantize.py), and float32 where fbgemm is missing (ARM).
+    PyTorch's int8 kernel is fast with bf16 activations only (GPT-2's int8 head in 4.1 ms with bf16
+    ones, 24.8 with float32 ones on an AVX2 EPYC), so auto gives int8 bf16 activations.
+    docs/benchmarks.md has the tables."""
     if requested == "auto":
-        return torch.bfloat16 if quantize == "int8" or device.type == "cuda" else torch.float32
+        if quantize == "int8" or device.type == "cuda":
+            return torch.bfloat16
+        return torch.float16 if device.type == "cpu" and half_kernel_error() is None else torch.float32
     return getattr(torch, requested)
 
 
