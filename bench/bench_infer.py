@@ -148,8 +148,12 @@ def main():
         idx = torch.tensor([prompt], device=device)
 
         def ours(model, use_cache):
-            return lambda: generate_text(model, gpt2_tokenizer(), prompt, max_new_tokens=args.new_tokens,
-                                         temperature=0, stop_at_eot=False, use_cache=use_cache)
+            @torch.inference_mode()  # as infer.py decodes
+            def generate():
+                generate_text(model, gpt2_tokenizer(), prompt, max_new_tokens=args.new_tokens, temperature=0,
+                              stop_at_eot=False, use_cache=use_cache)
+
+            return generate
 
         @torch.no_grad()
         def theirs():
