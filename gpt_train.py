@@ -401,7 +401,7 @@ def clip_and_step(state, loss, lr, grad_clip):
 
 def main(argv=None):
     config = parse_config(TrainConfig, argv, description=__doc__.split("\n\n")[0])
-    budget = TimeBudget(config.time_limit)  # --time-limit counts from here
+    budget = TimeBudget(config.time_limit, config.max_steps)  # --time-limit counts from here
     run, state, (model, eval_model), val_split, monitor = set_up(config)
     eval_batches = fixed_batches(val_split.windows, config.batch_size, config.eval_steps, run)
     final_batches = whole_split_batches(val_split.windows, config.batch_size, config.final_eval_tokens, run)
@@ -411,9 +411,9 @@ def main(argv=None):
         model.train()
         while True:
             if budget.due(state.step, config, start_step):  # --time-limit: as many steps as the pace allows
-                planned = budget.plan(state.step, config, monitor.step_times, final_share, run)
-                if planned < config.max_steps:  # recorded in checkpoints, for a resumed run to keep
-                    config.max_steps = state.planned_steps = planned
+                config.max_steps = budget.plan(state.step, config, monitor.step_times, final_share, run)
+                # recorded in checkpoints, for a resumed run to keep; None where --max-steps holds
+                state.planned_steps = config.max_steps if config.max_steps < budget.max_steps else None
             last, val = state.step == config.max_steps, None
             stopping = run.any_process(stop.received is not None)  # every process stops at the same step
             if (state.step % config.eval_interval == 0 or last) and not stopping:

@@ -20,7 +20,7 @@ import gpt_dataset
 import gpt_train
 from conftest import FAST_TRAINING, ROOT, assert_one_clear_error, run_script, script
 from gpt_train import lr_at
-from wikigpt.budget import steps_that_fit
+from wikigpt.budget import TimeBudget, steps_that_fit
 from transformer import GPT, config_from_preset
 from wikigpt import checkpoint
 from wikigpt.cli import UsageError
@@ -396,6 +396,33 @@ def test_the_steps_that_fit_a_time_limit():
     # from step 0, whose evaluation counts: 9 steps and evaluations at 0, 5 and 9 take 12 s; 10 steps 13 s
     assert steps_that_fit(12.0, step=0, max_steps=10, step_seconds=1.0, eval_seconds=1.0, final_eval_seconds=0.0,
                           eval_interval=5) == 9
+
+
+def test_a_time_limit_plan_follows_the_pace_both_ways_but_never_past_max_steps(monkeypatch):
+    """A run whose first steps were slow gets its steps back at a later plan (wsd, before the decay),
+    up to --max-steps as asked; slower again, it loses them. The clock stands still: 588 s are left."""
+    import types
+
+    from wikigpt import budget as budget_module
+
+    monkeypatch.setattr(budget_module.time, "perf_counter", lambda: 1000.0)
+    budget = TimeBudget(10, max_steps=2000)
+    budget.evaluated(3.0)
+    config = types.SimpleNamespace(max_steps=2000, eval_interval=250, time_limit=10)
+    one_process = types.SimpleNamespace(max_over_processes=lambda value: value)
+
+    def plan(step, seconds_a_step):
+        config.max_steps = budget.plan(step, config, [seconds_a_step] * 50, 20, one_process)
+        return config.max_steps
+
+    def fit(step, seconds_a_step, most=2000):  # (n - step) steps, 3 s an evaluation, 60 s for the final one in 588 s
+        return steps_that_fit(588.0, step=step, max_steps=most, step_seconds=seconds_a_step, eval_seconds=3.0,
+                              final_eval_seconds=60.0, eval_interval=250)
+
+    assert plan(30, 0.3) == fit(30, 0.3) < 2000
+    assert plan(250, 0.2) == 2000  # 1,750 steps at 0.2 s and 8 evaluations fit: back to --max-steps
+    assert plan(500, 0.1) == 2000 < fit(500, 0.1, most=10**6)  # faster still: more would fit, never past it
+    assert plan(750, 0.5) == fit(750, 0.5) < 2000  # slower: fewer again
 
 
 def test_a_time_limit_lowers_max_steps_at_the_end_of_warmup_and_a_resume_keeps_it(sample_dir, tmp_path):

@@ -6,8 +6,10 @@ at the limit would cut the schedule short before its decay, where the loss falls
 warmup has been timed, the run projects what every remaining step and evaluation will take at the
 measured pace and lowers --max-steps to the most that fit. The warmup's learning rates do not depend
 on --max-steps, so the run is the one that a plain --max-steps of that number gives. With the wsd
-schedule the plan is made again at every evaluation before the decay begins (a machine that slows
-down mid-run is caught in time), and it only ever shrinks.
+schedule the plan is made again at every evaluation before the decay begins, when the rate is
+still the constant peak whatever the count: a machine that slows down mid-run is caught in time, and
+one whose first steps ran slow (a busy hour, memory not yet reused) gets its steps back, up to
+--max-steps and never past it.
 """
 
 import time
@@ -33,10 +35,10 @@ def steps_that_fit(seconds_left, *, step, max_steps, step_seconds, eval_seconds,
 
 class TimeBudget:
     """The minutes a run may take (0: no limit), counted from its construction, which gpt_train.py's
-    main does first, before the model is built."""
+    main does first, before the model is built; max_steps: --max-steps as asked, the most any plan gives."""
 
-    def __init__(self, minutes):
-        self.seconds = minutes * 60
+    def __init__(self, minutes, max_steps):
+        self.seconds, self.max_steps = minutes * 60, max_steps
         self.started = time.perf_counter()
         self.eval_seconds = []  # each periodic evaluation, its text sample and plots included
 
@@ -55,17 +57,19 @@ class TimeBudget:
         return step == first_plan or at_evaluation
 
     def plan(self, step, config, step_times, final_eval_share, run):
-        """The run's new --max-steps: the most that fit what is left of the limit, at the median pace of
-        the newest steps and of the evaluations so far, in the slowest process (all must agree).
+        """The run's new --max-steps (config.max_steps holds the current plan): the most that fit what is
+        left of the limit, at the median pace of the newest steps and of the evaluations so far, in the
+        slowest process (all must agree), never more than --max-steps as asked.
         `final_eval_share`: the final evaluation's batches over a periodic one's."""
         seconds_left = (1 - SPARE) * self.seconds - (time.perf_counter() - self.started)
         step_seconds, eval_seconds = median(step_times[-50:]), median(self.eval_seconds)
-        steps = steps_that_fit(seconds_left, step=step, max_steps=config.max_steps, step_seconds=step_seconds,
+        steps = steps_that_fit(seconds_left, step=step, max_steps=self.max_steps, step_seconds=step_seconds,
                                eval_seconds=eval_seconds, final_eval_seconds=eval_seconds * final_eval_share,
                                eval_interval=config.eval_interval)
         steps = -run.max_over_processes(-steps)
-        if steps < config.max_steps:
-            logger.info(f"--time-limit {config.time_limit:g} min: {steps} steps fit, not {config.max_steps} "
+        if steps != config.max_steps:
+            change = f"not {config.max_steps}" if steps < config.max_steps else f"up from {config.max_steps}"
+            logger.info(f"--time-limit {config.time_limit:g} min: {steps} steps fit, {change} "
                         f"({step_seconds * 1000:.0f} ms a step, {eval_seconds:.1f} s an evaluation, "
                         f"{seconds_left / 60:.1f} min left)")
         return steps
