@@ -13,7 +13,11 @@ from transformer import GPT, GPTConfig
 from wikigpt.checkpoint import best_checkpoint
 from wikigpt.cli import CheckpointError, UsageError
 from wikigpt.generation import generate_text
+from wikigpt.quantize import half_kernel_error
 from wikigpt.tokenizer import gpt2_tokenizer
+
+# float16 weights on a CPU go through fbgemm's kernel, which PyTorch builds for x86 only
+needs_fbgemm = pytest.mark.skipif(half_kernel_error() is not None, reason="fbgemm's float16 kernel runs on x86 only")
 
 
 def save_tiny(directory, seed=0, block_size=64):
@@ -241,7 +245,8 @@ def test_int8_decoding_stops_at_end_of_text(tmp_path):
     assert kept.startswith("<|endoftext|>") and len(kept) > len("<|endoftext|>")  # and goes on past it
 
 
-@pytest.mark.parametrize("weights", [["--quantize", "int8", "--dtype", "bfloat16"], ["--dtype", "float16"]])
+@pytest.mark.parametrize("weights", [["--quantize", "int8", "--dtype", "bfloat16"],
+                                     pytest.param(["--dtype", "float16"], marks=needs_fbgemm)])
 @pytest.mark.parametrize("data", ["sample_dir", "bpe_sample_dir"])
 def test_int8_and_float16_decode_a_trained_checkpoint_of_each_tokenizer(data, weights, request, tmp_path):
     import gpt_train
@@ -263,7 +268,8 @@ def test_the_automatic_weight_dtype_is_float16_on_a_cpu_with_fbgemm_and_gives_in
     assert runtime.inference_weight_dtype("auto", cpu, "int8") == torch.bfloat16  # int8's fast kernel
     assert runtime.inference_weight_dtype("float32", cpu, "int8") == torch.float32  # asked for: as asked
     assert runtime.inference_weight_dtype("bfloat16", cpu) == torch.bfloat16
-    assert runtime.inference_weight_dtype("auto", cpu) == torch.float16  # fbgemm's kernel, present on x86
+    has_fbgemm = half_kernel_error() is None  # x86; ARM CPUs have no fbgemm
+    assert runtime.inference_weight_dtype("auto", cpu) == (torch.float16 if has_fbgemm else torch.float32)
     monkeypatch.setattr(runtime, "half_kernel_error", lambda: "RuntimeError: no fbgemm")  # as on ARM
     assert runtime.inference_weight_dtype("auto", cpu) == torch.float32
     assert runtime.inference_weight_dtype("auto", torch.device("cuda")) == torch.bfloat16
@@ -284,6 +290,7 @@ def rounded_to_float16(model):
     return rounded
 
 
+@needs_fbgemm
 @pytest.mark.parametrize("arch", ["gpt2", "qwen3"])
 def test_float16_decoding_on_a_cpu_multiplies_the_float16_rounded_weights(arch, tmp_path):
     """infer.load_model with float16 on a CPU: every linear layer (the tied head included) becomes a
@@ -314,6 +321,7 @@ def test_float16_decoding_on_a_cpu_multiplies_the_float16_rounded_weights(arch, 
     assert torch.equal(recomputed, greedy[0][:, :30])
 
 
+@needs_fbgemm
 def test_float16_refuses_weights_beyond_its_range_and_a_missing_kernel_in_one_line(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16))
