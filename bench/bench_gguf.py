@@ -74,7 +74,7 @@ def main():
     cpu = torch.device("cpu")
     model = infer.load_model(directory, cpu)  # float32: what the GGUF file is written from
     dtype = inference_weight_dtype(args.dtype, cpu)
-    ours_model = infer.load_model(directory, cpu, dtype)
+    ours_model = model if dtype == torch.float32 else infer.load_model(directory, cpu, dtype)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.gguf")
         write_gguf(model.state_dict(), model.config, directory, path, args.gguf_type)

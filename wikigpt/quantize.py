@@ -60,10 +60,15 @@ def quantize_int8(model):
     Int8Linear in the model's dtype. A tied head gets an int8 copy; the embedding keeps its rows."""
     dtype, device = model.transformer.wte.weight.dtype, model.transformer.wte.weight.device
     check_int8_kernel(device, dtype)
+    return replace_linears(model, lambda linear: Int8Linear(linear, dtype).to(device))
+
+
+def replace_linears(model, replacement):
+    """Puts replacement(linear) in place of every nn.Linear of the model, in place; returns the model."""
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if isinstance(child, nn.Linear):
-                setattr(parent, name, Int8Linear(child, dtype).to(device))
+                setattr(parent, name, replacement(child))
     return model
 
 
@@ -102,11 +107,7 @@ def half_linears(model):
     if error:
         raise UsageError(f"--dtype float16 on a CPU needs fbgemm's float16 kernel, which this PyTorch "
                          f"({torch.__version__}) lacks here ({error}); use --dtype float32")
-    for parent in list(model.modules()):
-        for name, child in parent.named_children():
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, HalfLinear(child))
-    return model
+    return replace_linears(model, HalfLinear)
 
 
 def matvec_over_cores(x, weight, parts):
@@ -139,9 +140,9 @@ def spread_matvecs(model):
     weight = model.transformer.wte.weight
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or torch.get_num_threads() < 2:
         return model
-    for parent in list(model.modules()):
-        for name, child in parent.named_children():
-            parts = math.gcd(child.out_features, torch.get_num_threads()) if isinstance(child, nn.Linear) else 1
-            if parts > 1:
-                setattr(parent, name, MatVecLinear(child, parts))
-    return model
+
+    def spread(linear):
+        parts = math.gcd(linear.out_features, torch.get_num_threads())
+        return MatVecLinear(linear, parts) if parts > 1 else linear
+
+    return replace_linears(model, spread)
