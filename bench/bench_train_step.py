@@ -14,7 +14,8 @@ process (wikigpt/monitor.py, matmul_rate: the best of five products at each of 5
 as gpt_train.py measures it for its log): how much of what the machine can multiply the step uses.
 The CPU table's first row is the quickstart's step (mini, 16 x 128, its BPE of 16,384 ids, Muon);
 --parts prints how long each phase of the timed steps took by the clock (forward with the loss,
-backward, clipping, each optimizer); --profile prints torch.profiler's operations instead. On a CPU
+backward, clipping, each optimizer; on CUDA the device is synchronised between phases, which costs
+the row's tokens/s a little); --profile prints torch.profiler's operations instead. On a CPU
 of few cores the profiler inflates some of PyTorch's parallel operations tenfold and more (the fused
 loss's casts: 0.6-1.4 ms a call profiled, 0.06-0.12 by the clock on 2 cores of a Zen 4), so its
 shares are a map, and the clock's phases the measure (docs/benchmarks.md).
