@@ -398,4 +398,4 @@ def finish(config, writers, articles_read, encoder, state):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    sys.exit(run_cli(main))

@@ -44,8 +44,9 @@ from wikigpt.cli import CheckpointError, UsageError, flag, parse_config, run_cli
 from wikigpt.monitor import TRACKERS, Monitor, import_tracker, start_console_log
 from wikigpt.muon import Muon
 from wikigpt.runs import checkpoint_to_resume, choose_run_dir, prepare_run_dir, recorded_setting
-from wikigpt.runtime import (Runtime, StopSignal, check_dtype_name, join_process_group, leave_process_group, process_device,
-                             reuse_freed_memory, torchrun_ranks, training_autocast_dtype, wrap_for_training)
+from wikigpt.runtime import (Runtime, StopSignal, check_dtype_name, end_process, join_process_group,
+                             leave_process_group, process_device, reuse_freed_memory, torchrun_ranks,
+                             training_autocast_dtype, wrap_for_training)
 from wikigpt.shards import TokenWindows, bytes_per_token, load_manifest, open_split, shard_checksums
 from wikigpt.tokenizer import (dataset_tokenizer, dataset_tokenizer_files, describe, model_tokenizer,
                                token_byte_lengths, vocabulary_digest)
@@ -463,4 +464,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    end_process(run_cli(main))  # not sys.exit: see end_process

@@ -267,3 +267,24 @@ def test_muon_orthogonalises_whole_matrices_under_fsdp(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     moved, apart = map(float, result.stdout.split()[-2:])
     assert apart < 1e-4 * moved
+
+
+def test_a_process_that_was_in_a_group_ends_with_its_status_output_and_exit_handlers(tmp_path):
+    # end_process leaves by os._exit, so that the group's worker threads never meet Python's shutdown;
+    # what a normal exit gives must still happen: the status, buffered output, the exit handlers.
+    marker = tmp_path / "exit_handler_ran"
+    program = f"""
+import atexit, sys, torch
+from wikigpt.runtime import end_process, join_process_group, leave_process_group
+join_process_group(torch.device("cpu"), 1, sharded=True)
+leave_process_group()
+atexit.register(lambda: open({str(marker)!r}, "w").write("yes"))
+print("buffered", end="")
+print("on stderr", end="", file=sys.stderr)
+end_process(3)
+print("after end_process")
+"""
+    buffered = {k: v for k, v in ENV.items() if k != "PYTHONUNBUFFERED"}  # as output to a pipe or file is
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=ROOT, env=buffered)
+    assert (result.returncode, result.stdout, result.stderr) == (3, "buffered", "on stderr")
+    assert marker.read_text() == "yes"

@@ -59,12 +59,14 @@ def flag(name):
 
 
 def run_cli(main):
-    """Runs main(); bad input ends in one line on stderr and a non-zero exit instead of a traceback."""
+    """Runs main() and returns the exit status: bad input ends in one line on stderr and a non-zero
+    status instead of a traceback."""
     try:
         main()
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; run the same command again to continue", file=sys.stderr)
-        sys.exit(130)
+        return 130
+    return 0

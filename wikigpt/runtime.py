@@ -5,6 +5,7 @@ Used by gpt_train.py (all of it, through one Runtime object that the loop passes
 a device, ranks and an autocast setting) and infer.py (the device and the weight dtype).
 """
 
+import atexit
 import ctypes
 import ctypes.util
 import functools
@@ -123,16 +124,35 @@ def process_device(requested, local_rank, world_size):
 def join_process_group(device, world_size, sharded=False):
     """Joins the group of torchrun's processes (NCCL on CUDA, else gloo). A single process has none,
     unless its model is sharded: FSDP needs a group, here one of a single member."""
+    global joined_a_group
     backend = "nccl" if device.type == "cuda" else "gloo"
     if world_size > 1:
         dist.init_process_group(backend=backend)
     elif sharded:
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    joined_a_group = dist.is_initialized()
+
+
+joined_a_group = False  # by this process, at any time: see end_process
 
 
 def leave_process_group():
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def end_process(code):
+    """Exits with status `code`. A process that was in a group runs Python's exit handlers, then leaves
+    by os._exit, skipping the interpreter's own shutdown. The group's worker threads outlive
+    destroy_process_group (DDP's reducer and DTensor's caches keep the group alive), and one that frees
+    a tensor once that shutdown has begun is stopped mid-call, which aborts the process: a finished
+    run's worker ended in SIGABRT after its last checkpoint this way, one time in many."""
+    if not joined_a_group:
+        sys.exit(code)
+    atexit._run_exitfuncs()  # what exit would run first: trackers finishing, log handlers closing
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def wrap_for_training(model, run, *, compiled, activation_checkpointing):
