@@ -481,6 +481,14 @@ def test_every_architecture_is_saved_as_the_family_of_its_name():
             assert convert.family_of(config) == (arch if tied or arch != "gpt2" else "wikigpt")
 
 
+def test_the_quickstart_s_wider_heads_leave_gpt2_s_block_as_its_class_computes_it():
+    assert config_from_preset("mini", "qwen3").head_dim == 64  # 4 heads of 64 beside a stream of 128
+    gpt2 = config_from_preset("mini", "gpt2")
+    assert gpt2.head_dim == 128 // 4 and convert.family_of(gpt2) == "gpt2"
+    asked = config_from_preset("mini", "gpt2", head_dim=64)  # given when asked for, in its own format
+    assert asked.head_dim == 64 and convert.family_of(asked) == "wikigpt"
+
+
 @pytest.mark.parametrize("pieces", [dict(positions="rotary"), dict(norm="rmsnorm", qk_norm=True, mlp="relu2"),
                                     {**ARCHITECTURES["qwen3"], "bias": True}])
 def test_a_mix_no_stock_class_runs_round_trips_in_its_own_format(pieces, tmp_path):

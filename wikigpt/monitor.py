@@ -235,8 +235,8 @@ class Monitor:
         origin = "resumed" if checkpoint else f"from {config.init_from}" if config.init_from else "new"
         logger.info(f"config: {json.dumps(asdict(config))}")
         logger.info(f"model ({origin}): {model.num_params():,} parameters ({model.num_params(embeddings=False):,} "
-                    f"without embeddings), {c.n_layer} layers, {c.n_head} heads, width {c.n_embd}, context "
-                    f"{c.block_size}, {c.norm}, {c.positions} positions, {c.mlp} MLP, qk-norm {c.qk_norm}, "
+                    f"without embeddings), {c.n_layer} layers, {c.n_head} heads of {c.head_dim}, width {c.n_embd}, "
+                    f"context {c.block_size}, {c.norm}, {c.positions} positions, {c.mlp} MLP, qk-norm {c.qk_norm}, "
                     f"tied head {c.tie_embeddings}, biases {c.bias}, dropout {c.dropout}"
                     + (" (--dropout to change)" if config.dropout is None else ""))
         logger.info(f"device {run.device}, {run.world_size} process(es), autocast "
