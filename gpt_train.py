@@ -22,11 +22,11 @@ moments, step, data position and every RNG state, in safetensors and JSON (no pi
 leaves a half checkpoint that looks whole. SIGTERM or Ctrl-C saves one at the next step boundary and
 exits.
 
-What to expect: the defaults (today's block, --arch qwen3, at the `mini` size on the English sample
-with its own BPE of 16,384 ids, 2,000 steps of 2,048 tokens, Muon and a warmup-stable-decay schedule)
-take about 9 minutes on 2 cores of an AVX512-BF16 CPU (8.9 at 8,205 tokens/s on a slow hour of a Zen 4)
-and reach 1.387 bits per byte over the whole validation split; --time-limit 10 trains fewer steps where
-they would not fit (wikigpt/budget.py). How the defaults were chosen, and speeds, are in docs/benchmarks.md.
+What to expect: the defaults (today's block at the `mini` size, heads of 64, on the English sample with
+its own BPE of 16,384 ids; 2,000 steps of 2,048 tokens, Muon, a warmup-stable-decay schedule) take 9.1-9.6
+minutes on 2 cores of a Zen 4 (AVX512-BF16) for 1.378 bits per byte over the whole validation split;
+--time-limit 10 trains fewer steps where those do not fit (wikigpt/budget.py): 970 on an AVX2-only EPYC,
+for 1.454. How the defaults were chosen, and speeds, are in docs/benchmarks.md.
 """
 
 import math

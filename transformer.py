@@ -77,9 +77,8 @@ class GPTConfig:
             raise ValueError("block_size, n_layer, n_head, n_embd, head_dim and mlp_hidden must be positive")
         if self.head_dim is None and self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}), or head_dim set")
-        # The defaults resolved once, so that equal models have equal configs however they were written.
-        # The gated MLP has three matrices to the plain one's two: by default its inner width is 2/3 of
-        # 4 C (rounded to a multiple of 64), the same parameters, so that the two compare fairly.
+        # Defaults resolved once, so that equal models have equal configs. The gated MLP's inner width is by
+        # default 2/3 of 4 C (in 64s): its three matrices then hold the plain MLP's parameters, a fair comparison.
         self.n_kv_head, self.head_dim = self.n_kv_head or self.n_head, self.head_dim or self.n_embd // self.n_head
         gated_width = max(64, round(8 * self.n_embd / 3 / 64) * 64)
         self.mlp_hidden = self.mlp_hidden or (gated_width if self.mlp == "swiglu" else 4 * self.n_embd)
@@ -100,9 +99,8 @@ class GPTConfig:
 
 # The pieces of each --arch, named after the Hugging Face class that computes the same (checkpoints load as it).
 ARCHITECTURES = {
-    # GPT-2's heads always split the stream's width (head_dim None: n_embd / n_head), as its class requires.
     "gpt2": dict(norm="layernorm", norm_eps=1e-5, positions="learned", qk_norm=False, mlp="gelu", bias=True,
-                 head_dim=None),
+                 head_dim=None),  # heads that split the width (n_embd / n_head), the only ones its class has
     "qwen3": dict(norm="rmsnorm", norm_eps=1e-6, positions="rotary", qk_norm=True, mlp="swiglu", bias=False),
     "llama": dict(norm="rmsnorm", norm_eps=1e-6, positions="rotary", qk_norm=False, mlp="swiglu", bias=False),
     "arcee": dict(norm="rmsnorm", norm_eps=1e-5, positions="rotary", qk_norm=False, mlp="relu2", bias=False),
@@ -111,9 +109,7 @@ ARCHITECTURES = {
 # Sizes of the four GPT-2 releases, plus small models that train on a laptop CPU.
 PRESETS = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),  # trains in seconds; used by the tests
-    # The CPU quickstart (docs/benchmarks.md). Heads of 64, an attention twice the stream's width, gained
-    # 0.009-0.015 bits per byte over heads of 32 for a fifth more time a step (GPT-2's block keeps 32).
-    "mini": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, head_dim=64),
+    "mini": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, head_dim=64),  # the quickstart (docs/benchmarks.md)
     "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),  # a larger CPU or small-GPU model
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
