@@ -18,11 +18,12 @@ gguf = pytest.importorskip("gguf")
 
 @pytest.fixture(scope="module")
 def checkpoints(sample_dir, bpe_sample_dir, tmp_path_factory):
-    """GPT-2's block on GPT-2's BPE; today's, untied, on a trained BPE."""
+    """GPT-2's block on GPT-2's BPE; today's, untied, with heads of 48 beside a stream of 64 (as the
+    quickstart's are wider than its stream), on a trained BPE."""
     root = tmp_path_factory.mktemp("runs")
     return {"gpt2": checkpoint_of_two_steps(sample_dir, root / "gpt2", "--sample-tokens", "0", "--arch", "gpt2"),
             "qwen3": checkpoint_of_two_steps(bpe_sample_dir, root / "qwen3", "--sample-tokens", "0", "--arch", "qwen3",
-                                             "--no-tie-embeddings", "--n-kv-head", "1")}
+                                             "--no-tie-embeddings", "--n-kv-head", "1", "--head-dim", "48")}
 
 
 def export(checkpoint, path, *extra):
@@ -65,7 +66,8 @@ def test_gguf_holds_the_checkpoint_s_shape_tokenizer_and_weights(checkpoints, ar
                  ("transformer.wte.weight", "token_embd.weight", False)]
         assert "output.weight" not in stored  # tied: llama.cpp reuses the embedding
     else:
-        assert (meta["qwen3.attention.head_count_kv"], meta["qwen3.attention.key_length"]) == (1, 32)
+        assert (meta["qwen3.attention.head_count_kv"], meta["qwen3.attention.key_length"]) == (1, 48)
+        assert meta["qwen3.attention.value_length"] == 48 and stored["blk.0.attn_q.weight"].shape == (2 * 48, 64)
         assert meta["qwen3.rope.freq_base"] == 10000.0 and meta["qwen3.feed_forward_length"] == 192
         pairs = [(f"model.layers.1.self_attn.{p}_proj.weight", f"blk.1.attn_{p}.weight", False) for p in "qkv"]
         pairs += [("model.layers.0.self_attn.k_norm.weight", "blk.0.attn_k_norm.weight", False),
