@@ -121,6 +121,9 @@ def process_device(requested, local_rank, world_size):
     return device
 
 
+joined_a_group = False  # by this process, at any time: see end_process
+
+
 def join_process_group(device, world_size, sharded=False):
     """Joins the group of torchrun's processes (NCCL on CUDA, else gloo). A single process has none,
     unless its model is sharded: FSDP needs a group, here one of a single member."""
@@ -130,10 +133,7 @@ def join_process_group(device, world_size, sharded=False):
         dist.init_process_group(backend=backend)
     elif sharded:
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
-    joined_a_group = dist.is_initialized()
-
-
-joined_a_group = False  # by this process, at any time: see end_process
+    joined_a_group = joined_a_group or dist.is_initialized()  # stays True after leaving: the threads stay
 
 
 def leave_process_group():
