@@ -41,8 +41,8 @@ def child(args):
 
     from gpt_train import make_optimizers
     from transformer import GPT, config_from_preset
-    from wikigpt.runtime import (Runtime, join_process_group, leave_process_group, process_device, torchrun_ranks,
-                                 training_autocast_dtype, wrap_for_training)
+    from wikigpt.runtime import (Runtime, end_process, join_process_group, leave_process_group, process_device,
+                                 torchrun_ranks, training_autocast_dtype, wrap_for_training)
 
     rank, local_rank, world_size = torchrun_ranks()
     device = process_device(args.device, local_rank, world_size)
@@ -77,6 +77,7 @@ def child(args):
                           "peak_mib": peak,
                           "step_ms": 1000 * sum(seconds[1:]) / max(1, len(seconds) - 1)}))
     leave_process_group()
+    end_process(0)  # as gpt_train.py ends: the group's threads must not meet Python's shutdown
 
 
 def measure(args, mode, processes, ac):
