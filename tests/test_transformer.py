@@ -208,6 +208,26 @@ def test_linear_cross_entropy_equals_pytorchs(dtype, z_loss, monkeypatch):
     torch.testing.assert_close(no_grad_logits[0], logits, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_of_a_target_whose_probability_underflows(dtype):
+    """The fused loss reads log Z off the target's probability; where that underflows to zero (a
+    target logit 200 below the others) the loss must still be the finite cross-entropy."""
+    x = torch.ones(3, 1, dtype=dtype, requires_grad=True)
+    weight = torch.tensor([[0.0], [-200.0], [1.0], [0.5]], dtype=dtype, requires_grad=True)
+    targets = torch.tensor([1, 2, 1])
+    logits, loss = LinearCrossEntropy.apply(x, weight, targets, 4, 0.01, True)
+    loss.backward()
+    ref_x, ref_w = x.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    ref_logits = ref_x @ ref_w.t()
+    log_z = torch.logsumexp(ref_logits, dim=1)
+    ref = torch.nn.functional.cross_entropy(ref_logits, targets) + 0.01 * (log_z**2).mean()
+    ref.backward()
+    assert torch.isfinite(loss) and loss.item() > 100
+    torch.testing.assert_close(loss.float(), ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(x.grad.float(), ref_x.grad, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(weight.grad.float(), ref_w.grad, rtol=1e-2, atol=1e-3)
+
+
 def forward_flops(model, idx, targets):
     from torch.utils.flop_counter import FlopCounterMode
 
