@@ -25,8 +25,8 @@ exits.
 What to expect: the defaults (today's block at the `mini` size, heads of 64, on the English sample with
 its own BPE of 16,384 ids; 2,000 steps of 2,048 tokens, Muon, a warmup-stable-decay schedule) take 9.1-9.6
 minutes on 2 cores of a Zen 4 (AVX512-BF16) for 1.378 bits per byte over the whole validation split;
---time-limit 10 trains fewer steps where those do not fit (wikigpt/budget.py): 970 on an AVX2-only EPYC,
-for 1.454. How the defaults were chosen, and speeds, are in docs/benchmarks.md.
+--time-limit 10 trains fewer steps where those do not fit (wikigpt/budget.py): 970-1,078 on an AVX2-only
+EPYC, for 1.449-1.454. How the defaults were chosen, and speeds, are in docs/benchmarks.md.
 """
 
 import math
