@@ -77,8 +77,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                 rows = slice(offset, offset + softmax_rows)
                 p = probs[rows] if probs is not None else scratch[: logits[rows].size(0)]
                 # PyTorch's softmax takes max, exp and sum in one kernel, where separate operations each
-                # pass over the rows (and bf16 logits are widened inside it, not copied first): the
-                # group's work in a third to two fifths of the time (docs/benchmarks.md).
+                # pass over the rows (and bf16 logits are widened inside it, not copied first): in float32
+                # the groups' work in two thirds of the time (docs/benchmarks.md).
                 torch.softmax(logits[rows], dim=1, dtype=torch.float32, out=p)
                 row_ids = torch.arange(p.size(0), device=x.device)
                 target_logits = logits[rows][row_ids, safe_targets[rows]].float()
