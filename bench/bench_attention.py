@@ -25,8 +25,8 @@ from transformer import attend  # noqa: E402
 
 # (batch, heads, tokens, head width): the quickstart (heads of 64; of 32 before), `small`, gpt2, and longer
 # contexts of `small`
-TRAINING_SHAPES = [(16, 4, 128, 64), (16, 4, 128, 32), (8, 6, 256, 64), (16, 4, 256, 32), (8, 6, 512, 64), (4, 6, 1024, 64),
-                   (1, 12, 1024, 64), (2, 12, 2048, 64)]
+TRAINING_SHAPES = [(16, 4, 128, 64), (16, 4, 128, 32), (8, 6, 256, 64), (16, 4, 256, 32), (8, 6, 512, 64),
+                   (4, 6, 1024, 64), (1, 12, 1024, 64), (2, 12, 2048, 64)]
 DECODING_SHAPES = [(1, 12, 64, 64), (1, 12, 512, 64), (1, 12, 1024, 64), (1, 16, 4096, 128)]
 
 
