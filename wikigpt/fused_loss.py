@@ -75,25 +75,26 @@ class LinearCrossEntropy(torch.autograd.Function):
             logits[chunk, vocab_size:] = float("-inf")
             for offset in range(start, min(start + chunk_rows, N), softmax_rows):
                 rows = slice(offset, offset + softmax_rows)
-                p = probs[rows] if probs is not None else scratch[: logits[rows].size(0)]
+                group, group_targets = logits[rows], safe_targets[rows]
+                p = probs[rows] if probs is not None else scratch[: group.size(0)]
                 # PyTorch's softmax takes max, exp and sum in one kernel, where separate operations each
                 # pass over the rows (and bf16 logits are widened inside it, not copied first): in float32
                 # the groups' work in two thirds of the time (docs/benchmarks.md).
-                torch.softmax(logits[rows], dim=1, dtype=torch.float32, out=p)
+                torch.softmax(group, dim=1, dtype=torch.float32, out=p)
                 row_ids = torch.arange(p.size(0), device=x.device)
-                target_logits = logits[rows][row_ids, safe_targets[rows]].float()
-                target_probs = p[row_ids, safe_targets[rows]]
+                target_logits = group[row_ids, group_targets].float()
+                target_probs = p[row_ids, group_targets]
                 log_z = target_logits - target_probs.log()  # log Z, as log p(target) = logit - log Z
                 # A probability near float32's smallest (about 1e-38) or below it, rounded to zero, has
                 # no usable log: such rows take the log-sum-exp the long way.
                 underflow = target_probs < 1e-30
                 if underflow.any():
-                    log_z[underflow] = torch.logsumexp(logits[rows][underflow].float(), dim=1)
+                    log_z[underflow] = torch.logsumexp(group[underflow].float(), dim=1)
                 losses[rows] = log_z - target_logits + z_loss * log_z.square()
                 if wants_grad:
                     scale = row_scale[rows] * (1 + 2 * z_loss * log_z)
                     p.mul_(scale[:, None])
-                    p[row_ids, safe_targets[rows]] -= row_scale[rows]  # in float32, then rounded once
+                    p[row_ids, group_targets] -= row_scale[rows]  # in float32, then rounded once
                     if probs is None:
                         grad_logits[rows] = p
             if wants_grad:
